@@ -1,0 +1,2 @@
+"""seqrec: nightly transformer sequential recommendations on Ray."""
+__version__ = "0.1.0"

@@ -1,0 +1,136 @@
+"""Model artifacts under ``models/<version>/`` and the promoted-model pointer.
+
+An artifact is a Hugging Face style directory (``config.json`` + ``model.safetensors``) plus the
+item vocabulary (``vocabulary.parquet``), ``metrics.json`` and ``manifest.json``. It is written to
+a local directory first and uploaded whole; ``models/PROMOTED.json`` is a single small object, so
+switching the live model is one atomic write.
+
+Loading refuses pickled weights and vocabularies that do not match the weights, with errors that
+say what is wrong, because a silently mis-aligned vocabulary recommends the wrong items.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from transformers.utils import logging as hf_logging
+
+from seqrec import __version__
+from seqrec.data import Vocabulary
+from seqrec.model import SeqRecModel
+from seqrec.storage import Storage
+
+log = logging.getLogger("seqrec.artifact")
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+PROMOTED = "PROMOTED.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class ArtifactError(ValueError):
+    """A model artifact that must not be used."""
+
+
+@dataclass
+class Artifact:
+    version: str
+    model: SeqRecModel
+    vocab: Vocabulary
+    metrics: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def new_version(date: str) -> str:
+    return f"{date}-{dt.datetime.now(dt.timezone.utc).strftime('%H%M%S%f')}"
+
+
+def write_local(artifact: Artifact, directory: str | Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    artifact.model.config.event_types = artifact.vocab.event_types
+    artifact.model.save_pretrained(directory)
+    pq.write_table(artifact.vocab.to_table(), directory / "vocabulary.parquet")
+    import json
+    (directory / "metrics.json").write_text(json.dumps(artifact.metrics, indent=2, sort_keys=True))
+    (directory / "manifest.json").write_text(json.dumps(artifact.manifest, indent=2, sort_keys=True, default=str))
+    return directory
+
+
+def read_local(directory: str | Path, version: str = "") -> Artifact:
+    """Load an artifact directory, checking that it is safe and self-consistent."""
+    import json
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        raise ArtifactError(f"{directory} is not a model artifact: config.json is missing")
+    pickles = [p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+    if not (directory / "model.safetensors").exists():
+        raise ArtifactError(f"{directory}: no model.safetensors" + (f" (found pickled weights {pickles}; seqrec "
+                            "never unpickles weights: re-export them as safetensors)" if pickles else ""))
+    if pickles:
+        raise ArtifactError(f"{directory}: pickled files {pickles} beside model.safetensors; remove them, "
+                            "seqrec loads weights only from safetensors")
+    try:
+        model = SeqRecModel.from_pretrained(directory, use_safetensors=True)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ArtifactError(f"{directory}: weights do not load into the configured model: {exc}") from exc
+    table = pq.read_table(directory / "vocabulary.parquet")
+    vocab = Vocabulary.from_table(table, getattr(model.config, "event_types", []) or [])
+    if vocab.num_items != model.config.num_items:
+        raise ArtifactError(f"{directory}: vocabulary has {vocab.num_items} items but the weights were built for "
+                            f"{model.config.num_items}; the artifact is inconsistent, do not use it")
+    if model.item_embedding.weight.shape[0] != vocab.num_items + 2:
+        raise ArtifactError(f"{directory}: item table has {model.item_embedding.weight.shape[0]} rows, "
+                            f"expected {vocab.num_items + 2} for the vocabulary")
+    metrics = json.loads((directory / "metrics.json").read_text()) if (directory / "metrics.json").exists() else {}
+    manifest = json.loads((directory / "manifest.json").read_text()) if (directory / "manifest.json").exists() else {}
+    model.eval()
+    return Artifact(version=version or directory.name, model=model, vocab=vocab, metrics=metrics, manifest=manifest)
+
+
+def save(storage: Storage, artifact: Artifact) -> str:
+    """Write ``models/<version>/`` under the storage root; returns its address."""
+    with tempfile.TemporaryDirectory(prefix="seqrec-artifact-") as tmp:
+        write_local(artifact, tmp)
+        storage.upload_dir(tmp, f"models/{artifact.version}")
+    log.info("saved model %s -> %s", artifact.version, storage.uri("models", artifact.version))
+    return storage.uri("models", artifact.version)
+
+
+def load(storage: Storage, version: str, cache_dir: str | Path | None = None) -> Artifact:
+    if not storage.exists("models", version, "config.json"):
+        raise ArtifactError(f"no model {version!r} under {storage.uri('models')}")
+    if not storage.is_s3:
+        return read_local(storage.path("models", version), version)
+    local = Path(cache_dir or tempfile.mkdtemp(prefix="seqrec-model-")) / version
+    storage.download_dir(f"models/{version}", local)
+    return read_local(local, version)
+
+
+def promoted_version(storage: Storage) -> str | None:
+    if not storage.exists("models", PROMOTED):
+        return None
+    return storage.read_json("models", PROMOTED)["version"]
+
+
+def promote(storage: Storage, version: str, reason: str, metrics: dict[str, Any] | None = None) -> None:
+    previous = promoted_version(storage)
+    storage.write_json({"version": version, "previous": previous, "reason": reason, "metrics": metrics or {},
+                        "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat()}, "models", PROMOTED)
+    log.info("promoted %s (previous: %s): %s", version, previous, reason)

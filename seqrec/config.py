@@ -1,0 +1,152 @@
+"""Typed configuration of every stage.
+
+One dataclass per stage, gathered in :class:`Config`. A YAML file gives any subset of fields,
+``--set section.field=value`` on the command line overrides them, and every job prints the result.
+Unknown keys are an error (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+@dataclass
+class PrepareConfig:
+    max_len: int = 200                     # sequences keep the newest ``max_len`` events
+    event_types: list[str] = field(default_factory=lambda: ["view", "click", "cart", "purchase"])
+    default_event_type: str = "interaction"  # used when the events have no event_type column
+    min_ts: str = "2000-01-01"             # earlier timestamps are absurd: quarantined
+    max_future_days: int = 1               # timestamps beyond the day after ``date`` are quarantined
+    lookback_days: int = 0                 # 0: all history under events/; else the last N days
+    incremental: bool = True               # extend yesterday's sequences with today's events
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "causal"                   # causal (SASRec/GPT-2 style) | bidirectional (BERT4Rec style)
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 1
+    max_len: int = 200
+    dropout: float = 0.2
+    use_event_types: bool = True
+    text_encoder: str | None = None        # HF encoder path, "minilm" for the packaged all-MiniLM-L6-v2
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    epochs: int = 20
+    batch_size: int = 128                  # global batch, split across workers
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    loss: str = "ce"                       # ce | sampled (log-q corrected) | gbce
+    num_negatives: int = 256               # for sampled / gbce
+    gbce_t: float = 0.75
+    mask_prob: float = 0.2                 # bidirectional model: share of positions masked
+    patience: int = 3                      # early stopping on validation NDCG@10
+    eval_every: int = 1
+    mixed_precision: str = "auto"          # auto: bf16 on CUDA, none on CPU
+    max_failures: int = 1
+    seed: int = 42
+    warm_start: bool = True                # fine-tune from the promoted model when there is one
+    torch_threads: int = 0                 # 0: leave torch's default
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [10, 20])
+    batch_size: int = 512
+    max_users: int = 0                     # 0: all users
+    promote_tolerance: float = 0.0         # promote unless val NDCG@10 is worse by more than this
+
+
+@dataclass
+class ScoreConfig:
+    k: int = 10
+    batch_size: int = 1024
+    num_actors: int = 1
+    cpus_per_actor: float = 0.5            # fractional: whole-CPU actors starve read tasks on 2 cores
+    gpus_per_actor: float = 0.0
+    torch_threads: int = 1
+    item_chunk: int = 16384                # top-k over the catalogue in chunks of this many items
+    num_blocks: int = 0                    # 0: one block per actor x 4
+
+
+@dataclass
+class Config:
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def dumps(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    if isinstance(value, str) and typ is not str:
+        value = yaml.safe_load(value)  # "3" -> 3, "[10, 20]" -> [10, 20], "null" -> None
+    origin = getattr(typ, "__origin__", None)
+    if typ is float and isinstance(value, int):
+        return float(value)
+    if typ in (int, float, str, bool) and not isinstance(value, typ):
+        raise ValueError(f"config {where}: expected {typ.__name__}, got {value!r}")
+    if origin is list and not isinstance(value, list):
+        raise ValueError(f"config {where}: expected a list, got {value!r}")
+    return value
+
+
+def _update(obj: Any, values: dict[str, Any], prefix: str) -> None:
+    hints = get_type_hints(type(obj))
+    known = {f.name for f in fields(obj)}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"unknown config key {prefix}{key!r}; known: {sorted(known)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config {prefix}{key} must be a mapping")
+            _update(current, value, f"{prefix}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{prefix}{key}"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- ``section.key=value`` overrides."""
+    config = Config()
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections")
+        _update(config, data, "")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        section, _, name = key.partition(".")
+        _update(config, {section: {name: value}} if name else {section: value}, "")
+    return config
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    config = Config()
+    _update(config, data, "")
+    return config
+
+
+def config_json(config: Config) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)

@@ -1,0 +1,134 @@
+"""From sequences of original ids to the index tensors the model reads.
+
+:class:`Vocabulary` maps original item ids (int64 or text) to indices ``1..N`` and event types to
+``1..E``; 0 is padding. :func:`encode` turns a batch of sequences into left-padded index arrays
+in one vectorised pass (no Python loop per user): the newest event always sits in the last
+column, which is where the model reads a user's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+@dataclass
+class Vocabulary:
+    items: pa.Array            # original item ids; index of items[i] is i + 1
+    event_types: list[str]     # index of event_types[j] is j + 1
+    counts: np.ndarray | None = None  # (N+1,) training interactions per index, for popularity
+
+    @property
+    def num_items(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def build(cls, item_ids: pa.Array | pa.ChunkedArray, event_types: list[str]) -> "Vocabulary":
+        unique = pc.unique(item_ids)
+        return cls(items=pc.take(unique, pc.sort_indices(unique)), event_types=list(event_types))
+
+    def extend(self, item_ids: pa.Array | pa.ChunkedArray) -> "Vocabulary":
+        """Keep every existing index and append unseen ids (sorted) after them: warm starts."""
+        unique = pc.unique(item_ids).cast(self.items.type)
+        new = unique.filter(pc.invert(pc.is_in(unique, value_set=self.items)))
+        new = pc.take(new, pc.sort_indices(new))
+        return Vocabulary(items=pa.concat_arrays([self.items, new]), event_types=self.event_types)
+
+    def popularity(self) -> np.ndarray:
+        """(N+1,) popularity scores by index (log counts; padding lowest)."""
+        counts = self.counts if self.counts is not None else np.zeros(self.num_items + 1)
+        scores = np.log1p(counts.astype(np.float64))
+        scores[0] = -1.0
+        return scores.astype(np.float32)
+
+    def lookup(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Original ids -> indices; unknown ids -> 0 (dropped downstream)."""
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        if values.type != self.items.type:
+            values = values.cast(self.items.type)
+        index = pc.index_in(values, value_set=self.items)
+        return pc.fill_null(pc.add(index, 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def lookup_event_types(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        index = pc.index_in(values, value_set=pa.array(self.event_types, pa.string()))
+        return pc.fill_null(pc.add(index, 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def original(self, indices: np.ndarray) -> pa.Array:
+        """Indices 1..N -> original ids."""
+        return pc.take(self.items, pa.array(np.asarray(indices).ravel() - 1))
+
+    def to_table(self) -> pa.Table:
+        counts = self.counts[1:] if self.counts is not None else np.zeros(len(self.items), np.int64)
+        return pa.table({"item_id": self.items, "index": pa.array(np.arange(1, len(self.items) + 1), pa.int64()),
+                         "count": pa.array(counts, pa.int64())})
+
+    @classmethod
+    def from_table(cls, table: pa.Table, event_types: list[str]) -> "Vocabulary":
+        order = pc.sort_indices(table["index"])
+        index = pc.take(table["index"], order).to_numpy()
+        if not np.array_equal(index, np.arange(1, len(index) + 1)):
+            raise ValueError("item vocabulary indices must be exactly 1..N")
+        counts = None
+        if "count" in table.column_names:
+            counts = np.concatenate([[0], pc.take(table["count"], order).to_numpy()]).astype(np.int64)
+        return cls(items=pc.take(table["item_id"], order).combine_chunks(), event_types=list(event_types), counts=counts)
+
+
+def list_parts(column: pa.ChunkedArray | pa.ListArray) -> tuple[pa.Array, np.ndarray]:
+    """(flat values, offsets) of a list column, honouring slices."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    flat = pc.list_flatten(column)
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
+    return flat, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def left_pad(values: np.ndarray, offsets: np.ndarray, width: int, drop_last: int = 0,
+             keep: np.ndarray | None = None) -> np.ndarray:
+    """Rows of a ragged array -> (B, width), right-aligned, zero-padded, newest ``width`` kept.
+
+    ``drop_last`` removes that many newest values of each row first (leave-one-out splits).
+    ``keep`` (bool over values) filters values first, e.g. unknown items.
+    """
+    if keep is not None:
+        running = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+        kept_per_row = running[offsets[1:]] - running[offsets[:-1]]
+        values = values[keep]
+        offsets = np.concatenate([[0], np.cumsum(kept_per_row)])
+    lengths = np.maximum(np.diff(offsets) - drop_last, 0)
+    ends = offsets[:-1] + lengths
+    n = np.minimum(lengths, width)
+    out = np.zeros((len(lengths), width), dtype=np.int64)
+    row = np.repeat(np.arange(len(lengths)), n)
+    pos_in_row = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)        # 0..n-1 within each row
+    src = np.repeat(ends - n, n) + pos_in_row
+    out[row, width - np.repeat(n, n) + pos_in_row] = values[src]
+    return out
+
+
+@dataclass
+class EncodedBatch:
+    items: np.ndarray          # (B, T) item indices, left-padded
+    event_types: np.ndarray    # (B, T)
+    lengths: np.ndarray        # (B,) usable events per user (known items)
+
+
+def encode(batch: pa.Table, vocab: Vocabulary, width: int, drop_last: int = 0) -> EncodedBatch:
+    """Sequences -> left-padded index arrays of ``width`` columns, unknown items removed."""
+    flat_items, offsets = list_parts(batch["item_ids"])
+    items = vocab.lookup(flat_items)
+    keep = items > 0
+    if "event_types" in batch.column_names:
+        flat_types, _ = list_parts(batch["event_types"])
+        types = vocab.lookup_event_types(flat_types)
+    else:
+        types = np.zeros_like(items)
+    item_rows = left_pad(items, offsets, width, drop_last, keep)
+    type_rows = left_pad(types, offsets, width, drop_last, keep)
+    return EncodedBatch(items=item_rows, event_types=type_rows, lengths=(item_rows > 0).sum(1))

@@ -1,0 +1,87 @@
+"""Stage 3: leave-one-out evaluation with full-catalogue ranking, against popularity.
+
+For each user with enough history the last known item is the test target (the second-to-last is
+the validation target), the model ranks *every* item in the catalogue, the user's history is
+excluded, and HR@K, NDCG@K and MRR are averaged over users. Ranking goes through the same
+:func:`seqrec.ranking.rank_unseen` the nightly scoring uses. The popularity baseline ranks by
+training-interaction counts under exactly the same protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from seqrec.config import EvalConfig
+from seqrec.data import Vocabulary, encode
+from seqrec.model import SeqRecModel
+from seqrec.ranking import rank_unseen, ranking_metrics
+from seqrec.train import evaluate_batches, means
+
+log = logging.getLogger("seqrec.evaluate")
+
+PROTOCOL = ("leave-one-out: last item = test, second-to-last = validation; full-catalogue ranking with the "
+            "user's history excluded; metrics averaged over users with at least one item before the target")
+
+
+def split_batches(sequences: pa.Table, vocab: Vocabulary, width: int, holdout: int, batch_size: int,
+                  max_users: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of {items, event_types}: ``width`` history columns + the target in the last column.
+
+    holdout=1: validation (the second-to-last item is the target); holdout=0: test.
+    """
+    rows = sequences.num_rows if not max_users else min(max_users, sequences.num_rows)
+    for start in range(0, rows, batch_size):
+        batch = sequences.slice(start, min(batch_size, rows - start))
+        enc = encode(batch, vocab, width + 1, drop_last=holdout)
+        keep = enc.lengths >= 2
+        if keep.any():
+            yield {"items": torch.from_numpy(enc.items[keep]), "event_types": torch.from_numpy(enc.event_types[keep])}
+
+
+def popularity_metrics(batches: Iterator[dict[str, torch.Tensor]], vocab: Vocabulary, ks: list[int]) -> dict[str, float]:
+    scores = torch.from_numpy(vocab.popularity())[:, None]      # (N+1, 1): a 1-d "embedding"
+    totals: dict[str, float] = {"users": 0.0}
+    for batch in batches:
+        items = batch["items"]
+        targets, history = items[:, -1], items[:, :-1]
+        ranked = rank_unseen(torch.ones(len(items), 1), scores, history, k=max(ks), targets=targets)
+        for key, value in ranking_metrics(ranked.target_rank, ks).items():
+            totals[key] = totals.get(key, 0.0) + value
+        totals["users"] += len(items)
+    return totals
+
+
+def evaluate(model: SeqRecModel, vocab: Vocabulary, sequences: pa.Table, config: EvalConfig,
+             splits: tuple[str, ...] = ("val", "test")) -> dict[str, Any]:
+    """Metrics of ``model`` and of popularity on the validation and test targets."""
+    model.eval()
+    width = model.config.max_len
+    out: dict[str, Any] = {"protocol": PROTOCOL, "ks": config.ks, "catalogue_size": vocab.num_items}
+    for split in splits:
+        holdout = 1 if split == "val" else 0
+        batches = lambda: split_batches(sequences, vocab, width, holdout, config.batch_size, config.max_users)  # noqa: E731
+        model_totals = evaluate_batches(model, batches(), config.ks, torch.device("cpu"))
+        pop_totals = popularity_metrics(batches(), vocab, config.ks)
+        out[split] = {"model": means(model_totals, ""), "popularity": means(pop_totals, ""),
+                      "users": int(model_totals["users"])}
+    return out
+
+
+def summary_table(metrics: dict[str, Any], split: str = "test") -> str:
+    ks = metrics["ks"]
+    names = ["mrr", *[f"{m}@{k}" for k in ks for m in ("hr", "ndcg")]]
+    lines = [f"{split} ({metrics[split]['users']} users, {metrics['catalogue_size']} items)",
+             f"{'model':<12}" + "".join(f"{n:>10}" for n in names)]
+    for who in ("model", "popularity"):
+        lines.append(f"{who:<12}" + "".join(f"{metrics[split][who][n]:>10.4f}" for n in names))
+    return "\n".join(lines)
+
+
+def not_worse(candidate: float, incumbent: float | None, tolerance: float) -> bool:
+    """The promotion gate: promote unless the candidate is worse by more than ``tolerance``."""
+    return incumbent is None or bool(np.isnan(incumbent)) or candidate >= incumbent - tolerance

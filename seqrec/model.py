@@ -1,0 +1,146 @@
+"""The sequential recommender: item (+ event-type) embeddings into a Hugging Face backbone.
+
+Two kinds, chosen by ``SeqRecConfig.kind``:
+
+* ``causal``: SASRec / GPT-2 style. Position ``t`` predicts the item at ``t+1``; a user's
+  representation is the hidden state of the newest event.
+* ``bidirectional``: BERT4Rec style. Masked positions predict their items; a user's
+  representation is the hidden state of a ``[MASK]`` appended after the newest event.
+
+Item scores are dot products with the *same* item table that embeds the input (weight tying, as
+in SASRec and BERT4Rec: it halves the parameters and ties what an item means going in and coming
+out). The item table is ``id embedding + projection(text embedding)`` when item text is given,
+which is what lets items unseen in training be scored.
+
+Indices: row 0 is padding, rows ``1..num_items`` are items (the vocabulary's indices), row
+``num_items + 1`` is ``[MASK]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+KINDS = ("causal", "bidirectional")
+
+
+class SeqRecConfig(PretrainedConfig):
+    model_type = "seqrec"
+
+    def __init__(self, num_items: int = 1, kind: str = "causal", hidden_size: int = 64, num_layers: int = 2,
+                 num_heads: int = 1, max_len: int = 200, dropout: float = 0.2, num_event_types: int = 0,
+                 text_dim: int = 0, **kwargs):
+        if kind not in KINDS:
+            raise ValueError(f"model kind {kind!r} is not one of {KINDS}")
+        self.num_items = num_items
+        self.kind = kind
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.max_len = max_len
+        self.dropout = dropout
+        self.num_event_types = num_event_types
+        self.text_dim = text_dim
+        super().__init__(**kwargs)
+
+    @property
+    def mask_index(self) -> int:
+        return self.num_items + 1
+
+    def backbone_config(self) -> PretrainedConfig:
+        common = dict(hidden_act="gelu") if self.kind == "bidirectional" else {}
+        if self.kind == "causal":
+            return GPT2Config(
+                vocab_size=1, n_positions=self.max_len, n_embd=self.hidden_size, n_layer=self.num_layers,
+                n_head=self.num_heads, resid_pdrop=self.dropout, embd_pdrop=self.dropout,
+                attn_pdrop=self.dropout, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+            )
+        return BertConfig(
+            vocab_size=1, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads, intermediate_size=4 * self.hidden_size,
+            max_position_embeddings=self.max_len, hidden_dropout_prob=self.dropout,
+            attention_probs_dropout_prob=self.dropout, type_vocab_size=1, pad_token_id=0, **common,
+        )
+
+
+@dataclass
+class SeqRecOutput(ModelOutput):
+    hidden: torch.Tensor | None = None  # (B, T, H) sequence states
+
+
+class SeqRecModel(PreTrainedModel):
+    config_class = SeqRecConfig
+    base_model_prefix = "seqrec"
+    _supports_sdpa = True
+
+    def __init__(self, config: SeqRecConfig):
+        super().__init__(config)
+        h = config.hidden_size
+        self.item_embedding = nn.Embedding(config.num_items + 2, h, padding_idx=0)
+        self.event_embedding = nn.Embedding(config.num_event_types + 1, h, padding_idx=0) \
+            if config.num_event_types else None
+        if config.text_dim:
+            # Frozen language-model features of each item's text, stored with the weights so the
+            # artifact alone can score. Projected into the id space and added to the id embedding.
+            self.register_buffer("text_features", torch.zeros(config.num_items + 2, config.text_dim))
+            self.text_projection = nn.Linear(config.text_dim, h, bias=False)
+        else:
+            self.text_features = None
+            self.text_projection = None
+        backbone_config = config.backbone_config()
+        backbone_config._attn_implementation = "sdpa"
+        if config.kind == "causal":
+            self.backbone = GPT2Model(backbone_config)
+        else:
+            self.backbone = BertModel(backbone_config, add_pooling_layer=False)
+        # The backbone's own token table is never used (items arrive as inputs_embeds); frozen, so
+        # DDP does not wait for gradients that never come.
+        self.backbone.get_input_embeddings().requires_grad_(False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def item_table(self) -> torch.Tensor:
+        """(num_items + 2, H) representation of every index, shared by input and output."""
+        table = self.item_embedding.weight
+        if self.text_projection is not None:
+            table = table + self.text_projection(self.text_features)
+        return table
+
+    def forward(self, item_ids: torch.Tensor, event_types: torch.Tensor | None = None) -> SeqRecOutput:
+        # item_ids: (B, T) left-padded with 0; the newest event (or [MASK]) is at T-1.
+        x = nn.functional.embedding(item_ids, self.item_table())  # (B, T, H)
+        if self.event_embedding is not None and event_types is not None:
+            x = x + self.event_embedding(event_types)
+        attention_mask = (item_ids != 0).long()
+        hidden = self.backbone(inputs_embeds=self.dropout(x), attention_mask=attention_mask).last_hidden_state
+        return SeqRecOutput(hidden=hidden)
+
+    def user_vectors(self, item_ids: torch.Tensor, event_types: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H) query vectors: the state of the last position (the newest event or [MASK])."""
+        return self.forward(item_ids, event_types).hidden[:, -1, :]
+
+
+def build_model(num_items: int, kind: str = "causal", hidden_size: int = 64, num_layers: int = 2,
+                num_heads: int = 1, max_len: int = 200, dropout: float = 0.2, num_event_types: int = 0,
+                text_dim: int = 0) -> SeqRecModel:
+    return SeqRecModel(SeqRecConfig(num_items=num_items, kind=kind, hidden_size=hidden_size, num_layers=num_layers,
+                                    num_heads=num_heads, max_len=max_len, dropout=dropout,
+                                    num_event_types=num_event_types, text_dim=text_dim))

@@ -1,0 +1,42 @@
+"""Process set-up shared by every job: logging and connecting to (or starting) Ray."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import ray
+
+from seqrec.storage import s3_endpoint
+
+log = logging.getLogger("seqrec")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "filelock", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster named by ``address`` / ``RAY_ADDRESS`` (``ray job submit`` sets it), else start
+    a local single-node Ray sized to this machine."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Non-secret settings workers need; credentials stay with each node's AWS chain, never in job metadata.
+    env = {k: v for k, v in {"AWS_ENDPOINT_URL": s3_endpoint(), "HF_HUB_OFFLINE": "1",
+                             "TOKENIZERS_PARALLELISM": "false"}.items() if v}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env},
+                 log_to_driver=True)
+    resources = ray.cluster_resources()
+    log.info("ray: %s, %d CPUs, %d GPUs", "cluster " + address if address else "local single node",
+             int(resources.get("CPU", 0)), int(resources.get("GPU", 0)))
+    from ray import data as ray_data
+    ctx = ray_data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty() or os.environ.get("SEQREC_PROGRESS") == "1"

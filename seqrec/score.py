@@ -1,0 +1,171 @@
+"""Stage 4: score every user with Ray Data and publish the recommendation table.
+
+``read_parquet`` streams the night's sequences (only the columns scoring needs) -> ``map_batches``
+with :class:`Recommender` on an actor pool (the model and the item table are loaded once per actor
+from the artifact alone) -> :func:`seqrec.ranking.rank_unseen`, the same masking + top-k function
+evaluation uses -> ``write_parquet`` into the partition, then ``_SUCCESS`` last (see
+:mod:`seqrec.publish`). Users with no known item get the popularity ranking, marked
+``source = "popularity"``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from seqrec import artifact as artifacts
+from seqrec.config import ScoreConfig
+from seqrec.data import Vocabulary, encode
+from seqrec.publish import publish_partition
+from seqrec.ranking import rank_unseen
+from seqrec.storage import Storage
+from seqrec.train import query_inputs
+
+log = logging.getLogger("seqrec.score")
+
+COLUMNS = ["user_id", "item_ids", "event_types"]
+
+
+def output_schema(user_type: pa.DataType, item_type: pa.DataType) -> pa.Schema:
+    return pa.schema([
+        ("user_id", user_type),
+        ("items", pa.list_(item_type)),
+        ("scores", pa.list_(pa.float32())),
+        ("source", pa.string()),
+        ("model_version", pa.string()),
+        ("generated_at", pa.timestamp("us", tz="UTC")),
+    ])
+
+
+def unavailable_items(storage: Storage, vocab: Vocabulary) -> np.ndarray:
+    """(N+1,) bool: items the catalogue marks unavailable (never recommended); padding included."""
+    excluded = np.zeros(vocab.num_items + 1, dtype=bool)
+    excluded[0] = True
+    if storage.exists("items") and storage.list_files("items", suffix=".parquet"):
+        catalogue = pa.concat_tables([pq.read_table(f, filesystem=storage.filesystem)
+                                      for f in storage.list_files("items", suffix=".parquet")],
+                                     promote_options="permissive")
+        if "available" in catalogue.column_names:
+            off = catalogue.filter(pc.invert(pc.fill_null(catalogue["available"], True)))["item_id"]
+            index = vocab.lookup(off)
+            excluded[index[index > 0]] = True
+    return excluded
+
+
+class Recommender:
+    """Ray Data actor: one model per actor, ``__call__`` maps a batch of sequences to top-k."""
+
+    def __init__(self, root: str, version: str, k: int, excluded: np.ndarray, generated_at: dt.datetime,
+                 torch_threads: int = 1, item_chunk: int = 16384, device: str = "cpu"):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        storage = Storage(root)
+        self.artifact = artifacts.load(storage, version, cache_dir=tempfile.mkdtemp(prefix="seqrec-score-"))
+        self.device = torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu")
+        self.model = self.artifact.model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(torch.bfloat16)
+        self.vocab = self.artifact.vocab
+        self.k, self.item_chunk = k, item_chunk
+        self.generated_at = generated_at
+        config = self.model.config
+        with torch.inference_mode():
+            self.items = self.model.item_table()[: config.num_items + 1].contiguous()   # held once per actor
+        self.excluded = torch.from_numpy(excluded.copy()).to(self.device)
+        self.popularity = torch.from_numpy(self.vocab.popularity()).to(self.device)
+
+    def _finish(self, ranked_scores: torch.Tensor, ranked_indices: torch.Tensor) -> tuple[pa.Array, pa.Array]:
+        """(B, k) tensors -> list arrays of original ids and float32 scores, dropping masked slots."""
+        scores = ranked_scores.float().cpu().numpy()
+        indices = ranked_indices.cpu().numpy()
+        valid = np.isfinite(scores)
+        offsets = np.concatenate([[0], np.cumsum(valid.sum(1))]).astype(np.int32)
+        items = self.vocab.original(indices[valid])
+        return (pa.ListArray.from_arrays(pa.array(offsets), items),
+                pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores[valid], pa.float32())))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        config = self.model.config
+        enc = encode(batch, self.vocab, config.max_len)
+        history = torch.from_numpy(enc.items).to(self.device)
+        types = torch.from_numpy(enc.event_types).to(self.device)
+        has_history = torch.from_numpy(enc.lengths > 0).to(self.device)
+        inputs, input_types = query_inputs(history, types, config.kind, config.mask_index)
+        with torch.inference_mode():
+            queries = self.model.user_vectors(inputs, input_types).to(self.items.dtype)
+        ranked = rank_unseen(queries, self.items, history, self.k, excluded=self.excluded, chunk_size=self.item_chunk)
+        scores, indices = ranked.scores, ranked.indices
+        if not bool(has_history.all()):
+            cold = ~has_history
+            fallback = rank_unseen(torch.ones(int(cold.sum()), 1, device=self.device), self.popularity[:, None],
+                                   history[cold], self.k, excluded=self.excluded)
+            scores, indices = scores.clone(), indices.clone()
+            scores[cold], indices[cold] = fallback.scores.to(scores.dtype), fallback.indices
+        items, item_scores = self._finish(scores, indices)
+        n = batch.num_rows
+        source = np.where(has_history.cpu().numpy(), "model", "popularity")
+        return pa.Table.from_arrays([
+            batch["user_id"], items, item_scores, pa.array(source, pa.string()),
+            pa.array([self.artifact.version] * n, pa.string()),
+            pa.array([self.generated_at] * n, pa.timestamp("us", tz="UTC")),
+        ], schema=output_schema(batch.schema.field("user_id").type, self.vocab.items.type))
+
+
+@dataclass
+class ScoreReport:
+    date: str
+    model_version: str
+    rows: int
+    wall_s: float
+    location: str
+
+
+def score(storage: Storage, date: str, version: str, config: ScoreConfig) -> ScoreReport:
+    """Score all users of ``sequences/dt=date`` with model ``version``; publish atomically."""
+    import ray
+
+    started_at = dt.datetime.now(dt.timezone.utc)
+    started = time.perf_counter()
+    files = storage.list_files("sequences", f"dt={date}", suffix=".parquet")
+    if not files:
+        raise FileNotFoundError(f"no sequences for {date} under {storage.uri('sequences')}; run prepare first")
+    # Only the artifact's vocabulary is needed on the driver (for the availability mask).
+    probe = artifacts.load(storage, version, cache_dir=tempfile.mkdtemp(prefix="seqrec-probe-"))
+    excluded = unavailable_items(storage, probe.vocab)
+    use_gpu = config.gpus_per_actor > 0
+    dataset = ray.data.read_parquet(files, filesystem=storage.filesystem, columns=COLUMNS)
+    blocks = config.num_blocks or max(4 * config.num_actors, 1)
+    dataset = dataset.repartition(blocks)   # the reader may hand back a single block: one busy actor
+    recommendations = dataset.map_batches(
+        Recommender,
+        fn_constructor_kwargs=dict(root=storage.root, version=version, k=config.k, excluded=excluded,
+                                   generated_at=started_at, torch_threads=config.torch_threads,
+                                   item_chunk=config.item_chunk, device="cuda" if use_gpu else "cpu"),
+        batch_size=config.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+        num_cpus=config.cpus_per_actor,
+        num_gpus=config.gpus_per_actor or None,
+    )
+
+    def write(directory: str) -> None:
+        recommendations.write_parquet(directory, filesystem=storage.filesystem)
+
+    manifest = publish_partition(storage, "recommendations", date, write, {
+        "model_version": version, "input": storage.uri("sequences", f"dt={date}"),
+        "started_at": started_at.isoformat(), "k": config.k,
+    })
+    report = ScoreReport(date=date, model_version=version, rows=manifest["rows"], wall_s=time.perf_counter() - started,
+                         location=storage.uri("recommendations", f"dt={date}"))
+    log.info("scored %d users with %s in %.1f s -> %s", report.rows, version, report.wall_s, report.location)
+    return report

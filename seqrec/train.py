@@ -1,0 +1,369 @@
+"""Stage 2: fine-tune the recommender with Ray Train (data-parallel) and Accelerate.
+
+The driver builds the vocabulary and the initial model (warm-started from the promoted artifact
+when there is one: existing rows kept, new items appended), turns the night's sequences into Ray
+datasets of index arrays, and runs a ``TorchTrainer``. Each worker trains on its shard of the
+training users, evaluates its shard of the validation users each epoch (sums all-reduced, so every
+rank sees the same numbers and stops at the same epoch), and rank 0 reports a checkpoint holding
+the current state and the best-so-far weights. Model selection uses validation only.
+
+Leave-one-out: a user's last item is the test target and the second-to-last the validation target;
+training sees neither.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+from safetensors.torch import load_file, save_file
+
+from seqrec.artifact import Artifact
+from seqrec.config import ModelConfig, PrepareConfig, TrainConfig
+from seqrec.data import Vocabulary, encode, list_parts
+from seqrec.losses import item_loss
+from seqrec.model import SeqRecConfig, SeqRecModel
+from seqrec.ranking import rank_unseen, ranking_metrics
+from seqrec.storage import Storage
+
+log = logging.getLogger("seqrec.train")
+
+SELECTION_METRIC = "val_ndcg@10"
+
+
+@dataclass
+class TrainResult:
+    model: SeqRecModel
+    vocab: Vocabulary
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_val: dict[str, float] = field(default_factory=dict)
+    run_name: str = ""
+    wall_s: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Data for the workers
+# --------------------------------------------------------------------------------------------
+class EncodeSplit:
+    """Ray Data batch function: sequences -> fixed-width index arrays for one split.
+
+    ``holdout`` newest items are removed first (2 for training, 1 for validation). Training rows
+    have ``width + 1`` columns (inputs and shifted labels); evaluation rows have ``width`` input
+    columns plus the target, which is the newest remaining item.
+    """
+
+    def __init__(self, vocab: Vocabulary, width: int, holdout: int, min_len: int = 2):
+        self.vocab, self.width, self.holdout, self.min_len = vocab, width, holdout, min_len
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        enc = encode(batch, self.vocab, self.width + 1, drop_last=self.holdout)
+        keep = enc.lengths >= self.min_len
+        return {"items": enc.items[keep], "event_types": enc.event_types[keep]}
+
+
+def item_counts(sequences: pa.Table, vocab: Vocabulary, holdout: int = 2) -> np.ndarray:
+    """Interactions per vocabulary index in the training part (for popularity and log-q)."""
+    enc = encode(sequences.select(["item_ids"]), vocab, width=int(pc.max(pc.list_value_length(sequences["item_ids"])).as_py() or 1),
+                 drop_last=holdout)
+    return np.bincount(enc.items.ravel(), minlength=vocab.num_items + 1).astype(np.int64)
+
+
+def make_datasets(sequences: pa.Table, vocab: Vocabulary, max_len: int, num_workers: int) -> dict[str, ray.data.Dataset]:
+    source = ray.data.from_arrow(sequences.select(["item_ids", "event_types"]))
+    blocks = max(num_workers * 2, 2)
+    train = source.map_batches(EncodeSplit(vocab, max_len, holdout=2), batch_format="pyarrow", batch_size=4096)
+    val = source.map_batches(EncodeSplit(vocab, max_len, holdout=1), batch_format="pyarrow", batch_size=4096)
+    return {"train": train.repartition(blocks).materialize(), "val": val.repartition(blocks).materialize()}
+
+
+# --------------------------------------------------------------------------------------------
+# Model construction (driver side)
+# --------------------------------------------------------------------------------------------
+def initial_model(vocab: Vocabulary, config: ModelConfig, parent: Artifact | None,
+                  text_features: torch.Tensor | None) -> SeqRecModel:
+    """A fresh model, or the parent's weights grown to the new vocabulary."""
+    model_config = SeqRecConfig(
+        num_items=vocab.num_items, kind=config.kind, hidden_size=config.hidden_size, num_layers=config.num_layers,
+        num_heads=config.num_heads, max_len=config.max_len, dropout=config.dropout,
+        num_event_types=len(vocab.event_types) if config.use_event_types else 0,
+        text_dim=0 if text_features is None else text_features.shape[1],
+        event_types=vocab.event_types, text_encoder=config.text_encoder,
+    )
+    model = SeqRecModel(model_config)
+    if text_features is not None:
+        model.text_features.copy_(text_features)
+    if parent is None:
+        return model
+    old = parent.model.state_dict()
+    new = model.state_dict()
+    compatible = all(old[k].shape == new[k].shape for k in new if k in old and "item_embedding" not in k
+                     and "text_features" not in k)
+    if parent.model.config.kind != config.kind or not compatible:
+        log.warning("promoted model %s has another architecture; training from scratch", parent.version)
+        return model
+    old_items = parent.vocab.num_items
+    for key, value in old.items():
+        if key == "item_embedding.weight":
+            new[key][: old_items + 1] = value[: old_items + 1]     # padding + known items keep their rows
+            if text_features is not None:
+                new[key][old_items + 1:] = 0.0                      # new items start from their text alone
+            new[key][-1] = value[-1]                                # [MASK]
+        elif key == "text_features":
+            continue                                                 # recomputed for the grown vocabulary
+        elif key in new and new[key].shape == value.shape:
+            new[key] = value
+    model.load_state_dict(new)
+    log.info("warm start from %s: %d known items kept, %d new", parent.version, old_items,
+             vocab.num_items - old_items)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# The worker loop
+# --------------------------------------------------------------------------------------------
+def query_inputs(items: torch.Tensor, types: torch.Tensor, kind: str, mask_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model inputs whose last position yields the user vector (a [MASK] for bidirectional)."""
+    if kind == "causal":
+        return items, types
+    items = torch.cat([items[:, 1:], torch.full_like(items[:, :1], mask_index)], dim=1)
+    types = torch.cat([types[:, 1:], torch.zeros_like(types[:, :1])], dim=1)
+    return items, types
+
+
+def training_step_loss(model: torch.nn.Module, core: SeqRecModel, items: torch.Tensor, types: torch.Tensor,
+                       train: TrainConfig, log_q: torch.Tensor | None) -> torch.Tensor:
+    """items/types: (B, T+1) left-padded training rows.
+
+    ``model`` is what the forward goes through (the DDP wrapper, so gradients are synchronised);
+    ``core`` is the unwrapped model, for its config and item table.
+    """
+    config = core.config
+    if config.kind == "causal":
+        inputs, input_types, labels = items[:, :-1], types[:, :-1], items[:, 1:].clone()   # (B, T)
+        labels[inputs == 0] = 0           # the first event has no context to predict it from
+    else:
+        inputs, input_types = items[:, 1:].clone(), types[:, 1:].clone()
+        real = inputs != 0
+        masked = (torch.rand(inputs.shape, device=inputs.device) < train.mask_prob) & real
+        masked[:, -1] |= real[:, -1] & (torch.rand(len(inputs), device=inputs.device) < train.mask_prob)
+        labels = torch.where(masked, inputs, torch.zeros_like(inputs))
+        inputs[masked] = config.mask_index
+        input_types[masked] = 0
+    hidden = model(inputs, input_types).hidden                     # (B, T, H)
+    picked = labels != 0
+    table = core.item_table()[: config.num_items + 1]              # (N+1, H) without [MASK]
+    return item_loss(train.loss, hidden[picked], labels[picked], table, log_q=log_q,
+                     num_negatives=train.num_negatives, gbce_t=train.gbce_t)
+
+
+def evaluate_batches(model: SeqRecModel, batches, ks: list[int], device: torch.device) -> dict[str, float]:
+    """Sums of leave-one-out metrics over batches of {items, event_types} (last column = target)."""
+    config = model.config
+    excluded = torch.zeros(config.num_items + 1, dtype=torch.bool, device=device)
+    totals: dict[str, float] = {"users": 0.0}
+    model.eval()
+    with torch.inference_mode():
+        table = model.item_table()[: config.num_items + 1]
+        for batch in batches:
+            items, types = batch["items"].to(device), batch["event_types"].to(device)
+            targets, history, history_types = items[:, -1], items[:, :-1], types[:, :-1]
+            inputs, input_types = query_inputs(history, history_types, config.kind, config.mask_index)
+            queries = model.user_vectors(inputs, input_types)
+            ranked = rank_unseen(queries, table, history, k=max(ks), excluded=excluded, targets=targets)
+            for key, value in ranking_metrics(ranked.target_rank, ks).items():
+                totals[key] = totals.get(key, 0.0) + value
+            totals["users"] += len(targets)
+    return totals
+
+
+def _reduce_sums(totals: dict[str, float]) -> dict[str, float]:
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return totals
+    keys = sorted(totals)
+    tensor = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return dict(zip(keys, tensor.tolist()))
+
+
+def means(totals: dict[str, float], prefix: str) -> dict[str, float]:
+    users = max(totals.get("users", 0.0), 1.0)
+    return {f"{prefix}{k}": v / users for k, v in totals.items() if k != "users"}
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    from accelerate import Accelerator
+
+    train = TrainConfig(**loop["train"])
+    if train.torch_threads:
+        torch.set_num_threads(train.torch_threads)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(train.seed + rank)
+    mixed = train.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if train.use_gpu and torch.cuda.is_available() else "no"
+    # cpu=True on CPU workers: without it Accelerate skipped gradient sync under Ray Train.
+    accelerator = Accelerator(cpu=not train.use_gpu, mixed_precision=mixed)
+    device = accelerator.device
+
+    model = SeqRecModel(SeqRecConfig(**loop["model_config"]))
+    model.load_state_dict(ray.get(loop["initial_state"]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.98))
+    warmup = train.warmup_steps
+
+    def lr_lambda(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    start_epoch, best, best_epoch, history = 0, -1.0, -1, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = json.loads(Path(directory, "state.json").read_text())
+            model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
+            optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True))
+            best_state = load_file(os.path.join(directory, "best.safetensors"))
+        start_epoch, best, best_epoch, history = state["epoch"] + 1, state["best"], state["best_epoch"], state["history"]
+        log.info("rank %d resumed from epoch %d", rank, state["epoch"])
+    else:
+        best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core = accelerator.unwrap_model(model)
+    log_q = None
+    if train.loss == "sampled":
+        counts = torch.tensor(loop["item_counts"], dtype=torch.float64) + 1.0
+        counts[0] = 0.0
+        log_q = (counts / counts.sum()).log().float().to(device)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    per_worker_batch = max(1, train.batch_size // world)
+    patience_left = train.patience
+    for epoch in range(start_epoch, train.epochs):
+        model.train()
+        started, seen, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+        for batch in train_shard.iter_torch_batches(batch_size=per_worker_batch, dtypes=torch.long, device=str(device),
+                                                    local_shuffle_buffer_size=per_worker_batch * 4,
+                                                    local_shuffle_seed=train.seed + epoch * 131 + rank):
+            with accelerator.autocast():
+                loss = training_step_loss(model, core, batch["items"], batch["event_types"], train, log_q)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.item()
+            steps += 1
+            seen += len(batch["items"])
+        train_s = time.perf_counter() - started
+        totals = {"loss_sum": loss_sum, "steps": float(steps), "seen": float(seen)}
+        totals = _reduce_sums(totals)
+        val_totals = _reduce_sums(evaluate_batches(core, val_shard.iter_torch_batches(batch_size=512, dtypes=torch.long),
+                                                   loop["ks"], device))
+        metrics = {"epoch": epoch, "train_loss": totals["loss_sum"] / max(totals["steps"], 1.0),
+                   "train_seq_per_s": totals["seen"] / max(train_s, 1e-9), "epoch_s": time.perf_counter() - started,
+                   **means(val_totals, "val_")}
+        improved = metrics[SELECTION_METRIC] > best
+        if improved:
+            best, best_epoch, patience_left = metrics[SELECTION_METRIC], epoch, train.patience
+            best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+        else:
+            patience_left -= 1
+        history.append(metrics)
+        stop = patience_left <= 0 or epoch == train.epochs - 1
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as directory:
+                save_file({k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()},
+                          os.path.join(directory, "model.safetensors"))
+                save_file({k: v.contiguous() for k, v in best_state.items()}, os.path.join(directory, "best.safetensors"))
+                torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+                Path(directory, "state.json").write_text(json.dumps(
+                    {"epoch": epoch, "best": best, "best_epoch": best_epoch, "history": history, "done": stop}))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+        if stop:
+            break
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+def event_type_vocabulary(prepare: PrepareConfig) -> list[str]:
+    return list(dict.fromkeys([*prepare.event_types, prepare.default_event_type]))
+
+
+def build_vocabulary(sequences: pa.Table, prepare: PrepareConfig, parent: Artifact | None) -> Vocabulary:
+    flat, _ = list_parts(sequences["item_ids"])
+    if parent is not None:
+        return parent.vocab.extend(flat)
+    return Vocabulary.build(flat, event_type_vocabulary(prepare))
+
+
+def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, train_config: TrainConfig,
+          prepare_config: PrepareConfig, run_name: str, parent: Artifact | None = None,
+          text_features_fn=None, ks: list[int] | None = None) -> TrainResult:
+    """Train on ``sequences`` (leave-one-out split) and return the best-on-validation model."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = time.perf_counter()
+    vocab = build_vocabulary(sequences, prepare_config, parent if train_config.warm_start else None)
+    vocab.counts = item_counts(sequences, vocab)
+    text_features = text_features_fn(vocab) if text_features_fn else None
+    model = initial_model(vocab, model_config, parent if train_config.warm_start else None, text_features)
+    datasets = make_datasets(sequences, vocab, model_config.max_len, train_config.num_workers)
+    train_rows = datasets["train"].count()
+    if train_rows == 0:
+        raise ValueError("no user has enough history to train on (need at least 4 known items: 2 to learn from, "
+                         "1 for validation, 1 for test)")
+    loop = {
+        "train": asdict(train_config), "model_config": model.config.to_dict(), "ks": ks or [10, 20],
+        "initial_state": ray.put({k: v.contiguous() for k, v in model.state_dict().items()}),
+        "train_rows": train_rows, "item_counts": vocab.counts.tolist() if train_config.loss == "sampled" else None,
+    }
+    resources = {"CPU": train_config.cpus_per_worker}
+    if train_config.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=train_config.num_workers, use_gpu=train_config.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage.path("runs"),
+            storage_filesystem=storage.filesystem if storage.is_s3 else None,
+            failure_config=FailureConfig(max_failures=train_config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+    )
+    log.info("training %s model: %d users, %d items, %d workers, up to %d epochs -> run %s",
+             model_config.kind, train_rows, vocab.num_items, train_config.num_workers, train_config.epochs,
+             storage.uri("runs", run_name))
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training run {run_name} failed: {result.error}") from result.error
+    with result.checkpoint.as_directory() as directory:
+        state = json.loads(Path(directory, "state.json").read_text())
+        model.load_state_dict(load_file(os.path.join(directory, "best.safetensors")))
+    model.eval()
+    history = state["history"]
+    best_val = next((h for h in history if h["epoch"] == state["best_epoch"]), {})
+    log.info("training done: best epoch %d, %s %.4f, %.1f s", state["best_epoch"], SELECTION_METRIC,
+             best_val.get(SELECTION_METRIC, float("nan")), time.perf_counter() - started)
+    return TrainResult(model=model, vocab=vocab, history=history, best_epoch=state["best_epoch"], best_val=best_val,
+                       run_name=run_name, wall_s=time.perf_counter() - started)
