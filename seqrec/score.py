@@ -143,7 +143,8 @@ def score(storage: Storage, date: str, version: str, config: ScoreConfig) -> Sco
     probe = artifacts.load(storage, version, cache_dir=tempfile.mkdtemp(prefix="seqrec-probe-"))
     excluded = unavailable_items(storage, probe.vocab)
     use_gpu = config.gpus_per_actor > 0
-    dataset = ray.data.read_parquet(files, filesystem=storage.filesystem, columns=COLUMNS)
+    # select_columns is pushed down into the Parquet reader: only these columns are read.
+    dataset = ray.data.read_parquet(files, filesystem=storage.filesystem).select_columns(COLUMNS)
     blocks = config.num_blocks or max(4 * config.num_actors, 1)
     dataset = dataset.repartition(blocks)   # the reader may hand back a single block: one busy actor
     recommendations = dataset.map_batches(

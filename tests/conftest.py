@@ -53,3 +53,33 @@ def s3_root(s3_server, s3_env) -> str:
     """``s3://<fresh bucket>/<prefix>`` on the test server, with the client env vars set."""
     bucket = s3_server.create_bucket(f"t-{uuid.uuid4().hex[:16]}")
     return f"s3://{bucket}/root"
+
+
+# =============================================================================================
+# Ray fixtures: one local Ray per session, sized to this machine, able to reach the S3 server.
+# =============================================================================================
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """A local Ray whose workers carry the S3 test server's client settings.
+
+    Workers are separate processes: a per-test monkeypatch of the driver's environment does not
+    reach them, so the session's S3 settings travel in the runtime environment instead.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {**s3_server.env(), "HF_HUB_OFFLINE": "1"}})
+    from ray import data as ray_data
+    ray_data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_config():
+    """The quick-start configuration, shrunk so a whole night takes well under a minute."""
+    from seqrec.config import load_config
+
+    return load_config("configs/demo.yaml", ["train.epochs=4", "train.patience=2", "model.max_len=30",
+                                             "prepare.max_len=30", "score.batch_size=256"])
