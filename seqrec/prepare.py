@@ -101,25 +101,35 @@ def _parse_ts(col: pa.ChunkedArray) -> pa.ChunkedArray:
     """Any accepted ts representation -> timestamp[us, UTC]; unparseable values -> null."""
     t = col.type
     if pa.types.is_timestamp(t):
-        if t.tz is None:
-            col = pc.assume_timezone(col, "UTC")
-        return col.cast(pa.timestamp(t.unit, tz="UTC")).cast(TS_TYPE)
+        # Via the raw epoch values (UTC; a naive timestamp is read as UTC): a plain cast would fail
+        # the whole file on one nanosecond remainder or one value that overflows microseconds.
+        raw = col.cast(pa.int64())
+        if t.unit == "ns":
+            return pc.divide(raw, 1000).cast(TS_TYPE)
+        per_unit = {"s": 1_000_000, "ms": 1_000, "us": 1}[t.unit]
+        in_range = pc.less(pc.abs(raw), 9_000_000_000_000_000_000 // per_unit)
+        return pc.multiply(pc.if_else(in_range, raw, None), per_unit).cast(TS_TYPE)
     if pa.types.is_date(t):
         return col.cast(pa.timestamp("s")).cast(pa.timestamp("s", tz="UTC")).cast(TS_TYPE)
     if pa.types.is_integer(t) or pa.types.is_floating(t):
-        micros = pc.multiply(col.cast(pa.float64()), 1e6)
+        micros = pc.multiply(col.cast(pa.float64(), safe=False), 1e6)  # huge values: caught just below
         finite = pc.and_(pc.is_finite(micros), pc.less(pc.abs(micros), 9e18))
         micros = pc.if_else(finite, micros, None)
         return pc.round(micros).cast(pa.int64()).cast(TS_TYPE)
-    # Text: ISO-8601 with or without zone.
+    # Text: ISO-8601 with or without zone. strptime has no %f, so a fraction of a second
+    # ("...T10:00:00.123Z", as JavaScript writes it) is cut out first and added back after parsing.
     text = pc.utf8_trim_whitespace(col.cast(pa.string()))
+    parts = pc.extract_regex(
+        text, r"^(?P<head>.*\d:\d\d)[.,](?P<fraction>\d{1,9})(?P<tail>(?:Z|[+-]\d\d:?\d\d)?)$")
+    text = pc.coalesce(pc.binary_join_element_wise(pc.struct_field(parts, "head"), pc.struct_field(parts, "tail"), ""), text)
+    fraction = pc.utf8_slice_codeunits(pc.utf8_rpad(pc.coalesce(pc.struct_field(parts, "fraction"), "0"), 6, "0"), 0, 6)
     parsed = None
     for fmt in ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d"):
         attempt = pc.strptime(text, format=fmt, unit="us", error_is_null=True)
         attempt = attempt.cast(pa.timestamp("us")) if attempt.type.tz is None else attempt
         attempt = pc.assume_timezone(attempt, "UTC") if attempt.type.tz is None else attempt.cast(TS_TYPE)
         parsed = attempt if parsed is None else pc.coalesce(parsed, attempt)
-    return parsed.cast(TS_TYPE)
+    return pc.add(parsed.cast(TS_TYPE), fraction.cast(pa.int64()).cast(pa.duration("us")))
 
 
 def _as_text(col: pa.ChunkedArray) -> pa.ChunkedArray:

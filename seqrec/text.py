@@ -214,7 +214,7 @@ def item_text_features(storage: Storage, vocab: Vocabulary, encoder: str, *,
     catalogue = read_catalogue_texts(storage)
     index = vocab.lookup(catalogue["item_id"])
     keep = (index > 0) & catalogue["text"].is_valid().to_numpy(zero_copy_only=False)
-    # A catalogue spread over several files may list an item twice: the last row (newest file) wins.
+    # A catalogue spread over several files may list an item twice: the last row (in file-name order) wins.
     is_last = np.zeros(len(index), dtype=bool)
     is_last[len(index) - 1 - np.unique(index[::-1], return_index=True)[1]] = True
     keep &= is_last

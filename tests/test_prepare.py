@@ -217,7 +217,8 @@ def test_duplicates_across_files_are_dropped(storage):
 
 
 def test_all_rows_bad_is_an_input_error(storage):
-    write_events(storage, events([None, None], [1, 2], [at(DAY), at(DAY)], ["view", "view"]))
+    write_events(storage, events(pa.array([None, 1], pa.int64()), pa.array([1, None], pa.int64()),
+                                 [at(DAY), at(DAY)], ["view", "view"]))
     with pytest.raises(InputError, match="rejected"):
         prepare(storage, DAY, PrepareConfig())
 
@@ -276,17 +277,22 @@ def test_sub_microsecond_and_fractional_timestamps_keep_order(storage):
 
 
 def test_absurd_epoch_values_are_quarantined_not_fatal(storage):
+    # ok, 1970, far beyond what microseconds can hold, before 1970
     write_events(storage, pa.table({
         "user_id": pa.array([1, 1, 1, 1]),
         "item_id": pa.array([1, 2, 3, 4]),
-        "ts": pa.array([epoch(DAY, 1), 86400, 10**17, -5], pa.int64()),  # ok, 1970, far future (overflow), <1970
-    }))
+        "ts": pa.array([epoch(DAY, 1), 86400, 10**17, -5], pa.int64()),
+    }), name="part-00000.parquet")
+    write_events(storage, pa.table({
+        "user_id": pa.array([2, 2]),
+        "item_id": pa.array([1, 2]),
+        "ts": pa.array([1000 * epoch(DAY, 1), 10**17], pa.timestamp("ms")),
+    }), name="part-00001.parquet")
     report = prepare(storage, DAY, PrepareConfig())
-    assert (report.rows_kept, report.rows_quarantined) == (1, 3)
-    reasons = quarantine(storage)["reason"].to_pylist()
-    assert reasons[0].startswith("ts out of range")
-    assert reasons[1] in ("ts unparseable",) or reasons[1].startswith("ts out of range")
-    assert reasons[2].startswith("ts out of range")
+    assert (report.rows_kept, report.rows_quarantined) == (2, 4)
+    out_of_range = "ts out of range [2000-01-01, 2024-01-04)"
+    assert quarantine(storage)["reason"].to_pylist() == [out_of_range, "ts unparseable", out_of_range,
+                                                         "ts unparseable"]
 
 
 # --------------------------------------------------------------------------------------------
