@@ -87,9 +87,13 @@ def read_local(directory: str | Path, version: str = "") -> Artifact:
         raise ArtifactError(f"{directory}: pickled files {pickles} beside model.safetensors; remove them, "
                             "seqrec loads weights only from safetensors")
     try:
-        model = SeqRecModel.from_pretrained(directory, use_safetensors=True)
+        model, loading = SeqRecModel.from_pretrained(directory, use_safetensors=True, output_loading_info=True)
     except (RuntimeError, ValueError, OSError) as exc:
         raise ArtifactError(f"{directory}: weights do not load into the configured model: {exc}") from exc
+    # from_pretrained fills missing tensors with fresh random values and only warns: refuse instead.
+    problems = {k: sorted(map(str, v)) for k, v in loading.items() if v}
+    if problems:
+        raise ArtifactError(f"{directory}: weights do not match the configured model: {problems}")
     table = pq.read_table(directory / "vocabulary.parquet")
     vocab = Vocabulary.from_table(table, getattr(model.config, "event_types", []) or [])
     if vocab.num_items != model.config.num_items:

@@ -101,12 +101,23 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if isinstance(value, str) and typ is not str:
         value = yaml.safe_load(value)  # "3" -> 3, "[10, 20]" -> [10, 20], "null" -> None
     origin = getattr(typ, "__origin__", None)
+    if typ is float and isinstance(value, str):
+        try:
+            value = float(value)       # YAML 1.1 reads "1e-3" as text
+        except ValueError:
+            pass
+    if typ in (int, float) and isinstance(value, bool):
+        raise ValueError(f"config {where}: expected {typ.__name__}, got {value!r}")  # bool is an int in Python
     if typ is float and isinstance(value, int):
         return float(value)
     if typ in (int, float, str, bool) and not isinstance(value, typ):
         raise ValueError(f"config {where}: expected {typ.__name__}, got {value!r}")
-    if origin is list and not isinstance(value, list):
-        raise ValueError(f"config {where}: expected a list, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"config {where}: expected a list, got {value!r}")
+        (item_type,) = getattr(typ, "__args__", (Any,))
+        if item_type in (int, float, str, bool):
+            return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
 
 
@@ -115,7 +126,7 @@ def _update(obj: Any, values: dict[str, Any], prefix: str) -> None:
     known = {f.name for f in fields(obj)}
     for key, value in values.items():
         if key not in known:
-            raise ValueError(f"unknown config key {prefix}{key!r}; known: {sorted(known)}")
+            raise ValueError(f"unknown config key {prefix + key!r}; known: {sorted(known)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):

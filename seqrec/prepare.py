@@ -121,8 +121,9 @@ def _parse_ts(col: pa.ChunkedArray) -> pa.ChunkedArray:
     text = pc.utf8_trim_whitespace(col.cast(pa.string()))
     parts = pc.extract_regex(
         text, r"^(?P<head>.*\d:\d\d)[.,](?P<fraction>\d{1,9})(?P<tail>(?:Z|[+-]\d\d:?\d\d)?)$")
-    text = pc.coalesce(pc.binary_join_element_wise(pc.struct_field(parts, "head"), pc.struct_field(parts, "tail"), ""), text)
-    fraction = pc.utf8_slice_codeunits(pc.utf8_rpad(pc.coalesce(pc.struct_field(parts, "fraction"), "0"), 6, "0"), 0, 6)
+    head, digits, tail = (pc.struct_field(parts, name) for name in ("head", "fraction", "tail"))
+    text = pc.coalesce(pc.binary_join_element_wise(head, tail, ""), text)
+    fraction = pc.utf8_slice_codeunits(pc.utf8_rpad(pc.coalesce(digits, "0"), 6, "0"), 0, 6)  # microseconds
     parsed = None
     for fmt in ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d"):
         attempt = pc.strptime(text, format=fmt, unit="us", error_is_null=True)

@@ -3,8 +3,9 @@
 Evaluation and production must never disagree about what a user can be shown, so both call
 :func:`rank_unseen`. It scores the catalogue in chunks (so memory does not grow with catalogue
 size and the score block stays cache-sized), masks each user's history by scatter into the chunk
-(no dense per-user masks), masks unavailable items, and keeps a running top-k. Given targets it
-also returns each target's full-catalogue rank, counted in the same pass.
+(no dense per-user masks), masks unavailable items, and keeps a running top-k (searched in two
+levels: group maxima first, then only the best groups). Given targets it also returns each
+target's full-catalogue rank, counted in the same pass.
 """
 
 from __future__ import annotations
@@ -14,13 +15,55 @@ from dataclasses import dataclass
 import torch
 
 NEG_INF = float("-inf")
+# Scores computed per (users x items) block. ~1M float32 (4 MiB) stays in the CPU's cache while it
+# is masked and searched: a whole (B, chunk) block written at once is memory-bound instead
+# (measured on a 2-core EPYC: 72 GF/s for one (1024 x 100k) product, 106 GF/s in 64 x 16384 blocks).
+CPU_BLOCK_SCORES = 1 << 20
+GPU_BLOCK_SCORES = 1 << 26
+# Items per group in the two-level top-k: a group's maximum is one vectorised pass, and only the
+# best k groups are searched item by item.
+GROUP = 64
 
 
 @dataclass
 class Ranked:
     scores: torch.Tensor               # (B, k) best first
     indices: torch.Tensor              # (B, k) item indices (vocabulary / item-table rows)
-    target_rank: torch.Tensor | None   # (B,) 1-based rank of the target, inf if it was excluded
+    target_rank: torch.Tensor | None   # (B,) 1-based rank of the target (ties first), inf if excluded
+
+
+def _merge_top_k(block: torch.Tensor, start: int, best_scores: torch.Tensor, best_indices: torch.Tensor,
+                 adaptive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the top-k of ``block`` (b, C), the scores of items ``start..start+C``, into the running best.
+
+    Exact two-level search: the k items of a top-k lie in the k groups with the largest maxima (each
+    of those groups holds an item at least as good), so only those groups are gathered. A full
+    ``topk`` over the block would cost as much as the matrix product that made it. ``adaptive``
+    (CPU) also skips groups whose maximum cannot beat the current k-th best.
+    """
+    rows, width = block.shape
+    k = best_scores.shape[1]
+    groups = width // GROUP
+    candidates, candidate_indices = [best_scores], [best_indices]
+    if groups:
+        maxima = block[:, :groups * GROUP].view(rows, groups, GROUP).amax(2)         # (b, G)
+        take = min(k, groups)
+        if adaptive:
+            take = min(take, int((maxima > best_scores[:, -1:]).sum(1).max()))
+        if take:
+            top_groups = maxima.topk(take, dim=1, sorted=False).indices             # (b, take)
+            columns = (top_groups[:, :, None] * GROUP
+                       + torch.arange(GROUP, device=block.device)).view(rows, -1)   # (b, take * GROUP)
+            candidates.append(block.gather(1, columns))
+            candidate_indices.append(columns + start)
+    if width > groups * GROUP:                                                        # the ragged tail
+        candidates.append(block[:, groups * GROUP:])
+        candidate_indices.append(torch.arange(start + groups * GROUP, start + width,
+                                              device=block.device).expand(rows, -1))
+    if len(candidates) == 1:
+        return best_scores, best_indices
+    merged_scores, order = torch.cat(candidates, dim=1).topk(k, dim=1)
+    return merged_scores, torch.cat(candidate_indices, dim=1).gather(1, order)
 
 
 @torch.inference_mode()
@@ -36,35 +79,53 @@ def rank_unseen(queries: torch.Tensor, items: torch.Tensor, seen: torch.Tensor, 
     targets:  (B,) item indices whose rank to report (leave-one-out evaluation).
     """
     batch, num_items = queries.shape[0], items.shape[0]
+    device = queries.device
     k = min(k, num_items - 1)
-    rows = torch.arange(batch, device=queries.device)
+    chunk_size = max(1, min(chunk_size, num_items))
+    on_cpu = device.type == "cpu"
+    block_rows = max(1, (CPU_BLOCK_SCORES if on_cpu else GPU_BLOCK_SCORES) // chunk_size)
+    # Padding and excluded items as sorted indices: each chunk fills only its own few columns.
+    never = torch.zeros(1, dtype=torch.long, device=device)
+    if excluded is not None:
+        never = torch.cat([never, excluded.nonzero().flatten()]).unique()
+    starts = list(range(0, num_items, chunk_size))
+    bounds = torch.searchsorted(never, torch.tensor([*starts, num_items], device=device)).tolist()
     if targets is not None:
         target_score = (queries * items[targets]).sum(-1, keepdim=True)     # (B, 1)
         target_hidden = (seen == targets[:, None]).any(1) | (targets == 0)
         if excluded is not None:
             target_hidden |= excluded[targets]
-        higher = torch.zeros(batch, dtype=torch.long, device=queries.device)
+        higher = torch.zeros(batch, dtype=torch.long, device=device)
 
-    best_scores = torch.full((batch, k), NEG_INF, device=queries.device, dtype=queries.dtype)
-    best_indices = torch.zeros((batch, k), dtype=torch.long, device=queries.device)
-    for start in range(0, num_items, chunk_size):
+    best_scores = torch.full((batch, k), NEG_INF, device=device, dtype=queries.dtype)
+    best_indices = torch.zeros((batch, k), dtype=torch.long, device=device)
+    buffer = torch.empty(min(block_rows, batch) * chunk_size, device=device, dtype=queries.dtype)
+    # Items outside, users inside: a chunk of the item table is read from memory once per call and
+    # stays in cache while every block of users is scored against it.
+    for chunk, start in enumerate(starts):
         stop = min(start + chunk_size, num_items)
-        scores = queries @ items[start:stop].T                               # (B, C)
-        local = seen - start                                                  # (B, L)
-        hit = (local >= 0) & (local < stop - start)
-        scores[rows[:, None].expand_as(local)[hit], local[hit]] = NEG_INF   # history, by scatter
-        if start == 0:
-            scores[:, 0] = NEG_INF                                            # padding row
-        if excluded is not None:
-            scores[:, excluded[start:stop]] = NEG_INF
-        if targets is not None:
-            higher += (scores > target_score).sum(1)
-        chunk_k = min(k, stop - start)
-        top_scores, top_local = scores.topk(chunk_k, dim=1)
-        merged_scores = torch.cat([best_scores, top_scores], dim=1)
-        merged_indices = torch.cat([best_indices, top_local + start], dim=1)
-        best_scores, order = merged_scores.topk(k, dim=1)
-        best_indices = merged_indices.gather(1, order)
+        chunk_items = items[start:stop]
+        for first in range(0, batch, block_rows):
+            last = min(first + block_rows, batch)
+            rows = torch.arange(last - first, device=device)
+            scores = torch.mm(queries[first:last], chunk_items.T,                    # (b, C), in cache
+                              out=buffer[:(last - first) * (stop - start)].view(last - first, stop - start))
+            local = seen[first:last] - start                                      # (b, L)
+            hit = (local >= 0) & (local < stop - start)
+            scores[rows[:, None].expand_as(local)[hit], local[hit]] = NEG_INF   # history, by scatter
+            if bounds[chunk + 1] > bounds[chunk]:                                 # padding, unavailable
+                scores.index_fill_(1, never[bounds[chunk]:bounds[chunk + 1]] - start, NEG_INF)
+            if targets is not None:
+                # Ties count against the target, so a target ranked <= k is always in the top-k list;
+                # the target itself never counts (its score here may differ from target_score in the
+                # last bit: matmul and elementwise sums round differently).
+                block_score = target_score[first:last]
+                higher[first:last] += (scores >= block_score).sum(1)
+                local_target = targets[first:last] - start
+                own = (local_target >= 0) & (local_target < stop - start)
+                higher[first:last][own] -= (scores[rows[own], local_target[own]] >= block_score[own, 0]).long()
+            best_scores[first:last], best_indices[first:last] = _merge_top_k(
+                scores, start, best_scores[first:last], best_indices[first:last], adaptive=on_cpu)
 
     target_rank = None
     if targets is not None:

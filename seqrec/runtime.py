@@ -30,7 +30,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     env = {k: v for k, v in {"AWS_ENDPOINT_URL": s3_endpoint(), "HF_HUB_OFFLINE": "1",
                              "TOKENIZERS_PARALLELISM": "false"}.items() if v}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        # A cluster (or `ray job submit`) defines the runtime environment: the job's working_dir and
+        # env vars come from the submission; a runtime_env here would replace the job's.
+        ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env},
                  log_to_driver=True)

@@ -228,7 +228,7 @@ def item_text_features(storage: Storage, vocab: Vocabulary, encoder: str, *,
     cached = read_cached(storage, key, list(unique))
     have = set(cached["text_hash"].to_pylist())
     missing = {h: t for h, t in unique.items() if h not in have}
-    path = "none"
+    path = "cache only"
     if missing:
         import ray
 

@@ -1,0 +1,190 @@
+"""What the benchmark scripts share: memory sampling, peak matmul speed, the table and the JSON file.
+
+Not a library of seqrec: the scripts beside this file import it as ``harness`` (Python puts a
+script's own folder first on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import psutil
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GIB = 1 << 30
+
+
+class ProcessTreeMemory:
+    """Peak summed memory of this process and all its descendants, sampled in a background thread.
+
+    A local Ray started by ``ray.init`` is exactly that tree: the driver, then the GCS server and the
+    raylet it spawns, then the workers and actors the raylet spawns. Selecting processes by
+    descent, not by a name such as ``ray::`` or ``raylet``, keeps other people's Ray clusters on
+    the same machine out of the number. (With ``RAY_ADDRESS`` pointing at a remote cluster only the
+    driver is seen.)
+
+    Two sums are kept: RSS (every ``interval_s``), which counts a shared page (the Plasma object
+    store, shared libraries such as libtorch) once per process that maps it, and PSS (every
+    ``pss_every``-th sample), which splits each shared page between the processes that map it, so
+    its sum is the memory the tree really holds. CPU seconds per process role are kept too: a
+    cheap profile of where the machine's time went.
+    """
+
+    def __init__(self, interval_s: float = 0.2, pss_every: int = 5, root_pid: int | None = None):
+        self.interval_s = interval_s
+        # PSS reads /proc/<pid>/smaps_rollup: ~2 ms of CPU per Ray process, 20x an RSS read. Read it
+        # every ``pss_every``-th sample only, so that the sampler does not itself load the 2 cores.
+        self.pss_every = pss_every
+        self.root = psutil.Process(root_pid or os.getpid())
+        self.peak_rss = self.peak_pss = 0
+        self.peak_processes = 0
+        self.samples = 0
+        self.cpu_seen: dict[int, float] = {}     # pid -> its CPU seconds at the previous sample
+        self.cpu_s: dict[str, float] = {}        # process role -> CPU seconds used while sampled
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self, with_pss: bool = True) -> tuple[int, int, int]:
+        """(summed RSS, summed PSS or 0, processes) now; also charges CPU time used since the last sample."""
+        rss = pss = count = 0
+        try:
+            processes = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            processes = [self.root]
+        for process in processes:
+            try:
+                with process.oneshot():
+                    info = process.memory_info()
+                    times = process.cpu_times()
+                    role = _role(process)
+                if with_pss:
+                    pss += process.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+            except psutil.AccessDenied:
+                pss += info.rss
+            rss += info.rss
+            count += 1
+            # A Ray worker's title changes with the task it runs: charge each interval to the current one.
+            used = times.user + times.system
+            self.cpu_s[role] = self.cpu_s.get(role, 0.0) + used - self.cpu_seen.get(process.pid, used)
+            self.cpu_seen[process.pid] = used
+        return rss, pss, count
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss, pss, count = self.sample(with_pss=self.samples % self.pss_every == 0)
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self.peak_processes = max(self.peak_processes, count)
+            self.samples += 1
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "ProcessTreeMemory":
+        self.sample(with_pss=False)                # baseline: CPU used before the block is not counted
+        self.cpu_s.clear()
+        self._machine_busy, self._started = _machine_busy_s(), time.perf_counter()
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self.sample(with_pss=False)
+        self.wall_s = time.perf_counter() - self._started
+        self.machine_busy_s = _machine_busy_s() - self._machine_busy
+
+    def result(self) -> dict[str, Any]:
+        """Peaks, and CPU seconds by process role (where the machine's time went: a profile of the tree)."""
+        ours = sum(self.cpu_s.values())
+        return {"peak_rss_gib": round(self.peak_rss / GIB, 3), "peak_pss_gib": round(self.peak_pss / GIB, 3),
+                "peak_processes": self.peak_processes, "memory_samples": self.samples,
+                "cpu_s_by_process": {k: round(v, 1) for k, v in sorted(self.cpu_s.items(), key=lambda kv: -kv[1])},
+                # The machine is shared: CPU seconds that processes outside this tree used meanwhile.
+                "cpu_s_other_processes": round(max(self.machine_busy_s - ours, 0.0), 1),
+                "cpu_s_available": round(self.wall_s * (os.cpu_count() or 1), 1)}
+
+
+def _machine_busy_s() -> float:
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def _role(process: psutil.Process) -> str:
+    """A short name for a process of the tree: ``ray::MapWorker(MapBatches(Recommender))``, ``raylet``, ..."""
+    try:
+        cmdline = process.cmdline()
+    except psutil.Error:
+        return "?"
+    if process.pid == os.getpid():
+        return "driver"
+    first = cmdline[0] if cmdline else process.name()
+    if first.startswith("ray::"):
+        return first.split(" ")[0][:60]
+    if "default_worker.py" in " ".join(cmdline):
+        return "ray worker (idle)"
+    return Path(first).name[:40]
+
+
+def matmul_peak_flops(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matmul FLOP/s with ``threads`` torch threads: best of ``repeats`` (n x n) @ (n x n)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        out = torch.empty(n, n)
+        torch.mm(a, b, out=out)                       # warm-up: MKL's first call sets up its buffers
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = min(best, time.perf_counter() - started)
+        return 2.0 * n ** 3 / best
+    finally:
+        torch.set_num_threads(previous)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on, and how busy it was (the load average counts other users)."""
+    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "memory_gib": round(psutil.virtual_memory().total / GIB, 1), "torch": torch.__version__,
+            "load_average_1m": round(os.getloadavg()[0], 2)}
+
+
+def table(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
+    rows = list(rows)
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"{value:,}"
+        return str(value)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def write_results(name: str, payload: dict[str, Any], out: str | Path | None = None) -> Path:
+    """Write ``payload`` (plus when and where) to ``results/<name>.json`` or ``out``."""
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "machine": machine(), **payload}
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path

@@ -1,0 +1,127 @@
+"""seqrec.config: YAML + --set overrides, type coercion, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seqrec.config import Config, config_from_dict, config_json, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file():
+    config = load_config()
+    assert config == Config()
+    assert config.train.loss == "ce" and config.eval.ks == [10, 20]
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 4\n  lr: 0.01\nmodel:\n  kind: bidirectional\n")
+    config = load_config(path, ["train.epochs=3", "eval.ks=[5, 10]", "model.text_encoder=minilm",
+                                "train.use_gpu=true", "prepare.event_types=[view, buy]"])
+    assert config.train.epochs == 3 and isinstance(config.train.epochs, int)    # override wins over YAML
+    assert config.train.lr == 0.01                                               # YAML wins over default
+    assert config.model.kind == "bidirectional"
+    assert config.eval.ks == [5, 10]
+    assert config.model.text_encoder == "minilm"
+    assert config.train.use_gpu is True
+    assert config.prepare.event_types == ["view", "buy"]
+    assert config.train.batch_size == 128                                        # untouched default
+
+
+def test_float_coercion(tmp_path):
+    config = load_config(None, ["train.lr=1", "train.weight_decay=1e-4", "eval.promote_tolerance=0.5"])
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.train.weight_decay == pytest.approx(1e-4)                      # YAML 1.1 reads 1e-4 as text
+    assert config.eval.promote_tolerance == 0.5
+    assert load_config(write(tmp_path, "train:\n  lr: 2e-3\n")).train.lr == pytest.approx(2e-3)
+
+
+def test_null_for_optional_field():
+    config = load_config(None, ["model.text_encoder=minilm", "model.text_encoder=null"])
+    assert config.model.text_encoder is None
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.epochz=3", "train.epochz"),
+    ("trian.epochs=3", "trian"),
+    ("model.hidden=64", "model.hidden"),
+])
+def test_unknown_key_names_the_key(override, key):
+    with pytest.raises(ValueError, match=f"unknown config key '{key}'"):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'score.topk'"):
+        load_config(write(tmp_path, "score:\n  topk: 5\n"))
+
+
+@pytest.mark.parametrize("override,where", [
+    ("train.epochs=many", "train.epochs"),
+    ("train.epochs=2.5", "train.epochs"),
+    ("train.epochs=true", "train.epochs"),
+    ("train.epochs=null", "train.epochs"),
+    ("train.lr=fast", "train.lr"),
+    ("train.use_gpu=3", "train.use_gpu"),
+    ("eval.ks=10", "eval.ks"),
+    ("eval.ks=[10, ten]", r"eval.ks\[1\]"),
+    ("score.k=[1, 2]", "score.k"),
+])
+def test_wrong_type_is_an_error(override, where):
+    with pytest.raises(ValueError, match=f"config {where}"):
+        load_config(None, [override])
+
+
+def test_wrong_type_in_yaml(tmp_path):
+    with pytest.raises(ValueError, match="config model.kind: expected str"):
+        load_config(write(tmp_path, "model:\n  kind: 3\n"))
+    with pytest.raises(ValueError, match="config train must be a mapping"):
+        load_config(write(tmp_path, "train: 3\n"))
+    with pytest.raises(ValueError, match="mapping of sections"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_malformed_override():
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_empty_yaml_is_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+def test_dump_round_trip(tmp_path):
+    config = load_config(None, ["train.epochs=2", "eval.ks=[1, 5]", "model.kind=bidirectional"])
+    again = load_config(write(tmp_path, config.dumps()))
+    assert again == config
+    assert config_from_dict(yaml.safe_load(config.dumps())) == config
+    assert config_json(again) == config_json(config)
+
+
+def test_defaults_are_not_shared_between_configs():
+    a = load_config(None, ["eval.ks=[1]"])
+    assert Config().eval.ks == [10, 20]
+    assert a.eval.ks == [1]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_repository_configs_load(path):
+    config = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    for section, values in raw.items():
+        for key, value in values.items():
+            assert getattr(getattr(config, section), key) == value
+
+
+def test_there_are_repository_configs():
+    assert CONFIGS, "configs/*.yaml is empty"

@@ -1,0 +1,94 @@
+"""`ray job submit` of the nightly job against a real two-node Ray cluster on this machine."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from seqrec.publish import read_partition
+from seqrec.storage import Storage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_cluster(marker: str) -> None:
+    """Stop only this cluster's processes (``ray stop`` would also stop the session's local Ray).
+
+    Ray renames its processes (``ray::DashboardAgent``), so they are found by an environment
+    variable every process of the cluster inherits from ``ray start``.
+    """
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("SEQREC_TEST_CLUSTER") == marker:
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    marker = uuid.uuid4().hex[:8]
+    temp_dir = f"/tmp/rj-{marker}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "SEQREC_TEST_CLUSTER": marker,
+           # The job's python is whatever the raylet finds first on PATH: this venv's.
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    ray = str(Path(sys.executable).parent / "ray")
+    gcs, dashboard = _free_port(), _free_port()
+    # Every port explicit and free: another Ray on this host (the session's) holds the defaults.
+    def node_ports() -> list[str]:
+        return ["--num-cpus=1", "--disable-usage-stats", f"--dashboard-agent-listen-port={_free_port()}",
+                f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}", f"--node-manager-port={_free_port()}",
+                f"--object-manager-port={_free_port()}"]
+
+    try:
+        subprocess.run([ray, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+                        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                        f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}", *node_ports()],
+                       env=env, check=True, capture_output=True, timeout=120)
+        # Its own temp dir: two nodes on one host must not share runtime-env folders (each node's
+        # agent unpacks the job's working_dir there and would delete it under the other's driver).
+        subprocess.run([ray, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
+                        f"--temp-dir={temp_dir}-w", *node_ports()],
+                       env=env, check=True, capture_output=True, timeout=120)
+        yield f"http://127.0.0.1:{dashboard}", env, ray
+    finally:
+        _kill_cluster(marker)
+        for directory in (temp_dir, f"{temp_dir}-w"):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_ray_job_submit_publishes_the_night(two_node_cluster):
+    address, env, ray = two_node_cluster
+    root = tempfile.mkdtemp(prefix="seqrec-job-")
+    entrypoint = (f"python jobs/nightly.py --demo --root {root} --config configs/demo.yaml "
+                  "--set train.epochs=3 --set model.max_len=30 --set prepare.max_len=30 --set train.num_workers=2")
+    started = time.perf_counter()
+    for _ in range(30):  # the job agent registers a few seconds after `ray start` returns
+        job = subprocess.run([ray, "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
+                              *entrypoint.split()], env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        if "No available agent" not in job.stderr:
+            break
+        time.sleep(2)
+    wall = time.perf_counter() - started
+    print(f"ray job submit on a two-node cluster: {wall:.1f} s")
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    assert "succeeded" in job.stdout
+    table = read_partition(Storage(root), "recommendations", "2024-01-07")
+    assert table is not None and table.num_rows == 2000
