@@ -148,19 +148,7 @@ def test_last_catalogue_row_of_an_item_wins(storage, vocab):
 # --------------------------------------------------------------------------------------------
 # Ray Data
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
-def test_ray_data_path_matches_in_process(tmp_path, local_ray, encoded):
+def test_ray_data_path_matches_in_process(tmp_path, ray_local, encoded):
     words = ["red", "blue", "green", "leather", "cotton", "steel", "wooden", "running", "winter", "kitchen"]
     things = ["shoes", "jacket", "knife", "table", "mug"]
     texts = {i: f"{words[i % 10]} {things[i // 10]} no. {i}" for i in range(50)}
