@@ -34,6 +34,13 @@ def test_model_beats_popularity_on_planted_structure(night):
     assert result.promoted and result.live_model == result.candidate
 
 
+def test_two_workers_stay_in_sync(night):
+    """Data-parallel training really averaged gradients: both ranks hold identical weights."""
+    storage, result = night
+    history = artifact.load(storage, result.candidate).metrics["history"]
+    assert history and all(epoch["replicas_in_sync"] for epoch in history)
+
+
 def test_one_row_per_user_k_items_none_seen(night, demo_config):
     storage, result = night
     table = read_partition(storage, "recommendations", result.date)

@@ -1,0 +1,49 @@
+"""Warm starts: the vocabulary grows, known items keep their rows, new ones start from text."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+from seqrec.artifact import Artifact
+from seqrec.config import ModelConfig
+from seqrec.data import Vocabulary
+from seqrec.train import initial_model
+
+MODEL = ModelConfig(hidden_size=16, num_layers=1, num_heads=1, max_len=8, dropout=0.0)
+
+
+def _parent() -> Artifact:
+    vocab = Vocabulary(items=pa.array([10, 20, 30], pa.int64()), event_types=["view", "click"])
+    return Artifact(version="v1", model=initial_model(vocab, MODEL, None, None), vocab=vocab)
+
+
+def test_warm_start_keeps_known_rows_and_appends_new_items():
+    parent = _parent()
+    grown = parent.vocab.extend(pa.array([40, 10, 5], pa.int64()))
+    assert grown.items.to_pylist() == [10, 20, 30, 5, 40]          # known indices unchanged
+    model = initial_model(grown, MODEL, parent, None)
+    old = parent.model.item_embedding.weight
+    new = model.item_embedding.weight
+    assert new.shape[0] == grown.num_items + 2
+    torch.testing.assert_close(new[:4], old[:4])                      # padding + the 3 known items
+    torch.testing.assert_close(new[-1], old[-1])                      # [MASK]
+    for name, value in parent.model.backbone.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[name], value)
+
+
+def test_new_items_start_from_their_text():
+    parent = _parent()
+    grown = parent.vocab.extend(pa.array([40], pa.int64()))
+    text = torch.randn(grown.num_items + 2, 8)
+    model = initial_model(grown, MODEL, parent, text)
+    assert torch.count_nonzero(model.item_embedding.weight[4]) == 0  # id part zero: text alone
+    expected = model.text_projection(text[4])
+    torch.testing.assert_close(model.item_table()[4], expected)
+
+
+def test_other_architecture_trains_from_scratch():
+    parent = _parent()
+    other = ModelConfig(hidden_size=32, num_layers=1, num_heads=1, max_len=8)
+    model = initial_model(parent.vocab, other, parent, None)
+    assert model.config.hidden_size == 32
