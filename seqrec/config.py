@@ -54,8 +54,8 @@ class TrainConfig:
     gbce_t: float = 0.75
     mask_prob: float = 0.2                 # bidirectional model: share of positions masked
     patience: int = 3                      # early stopping on validation NDCG@10
-    eval_every: int = 1
-    mixed_precision: str = "auto"          # auto: bf16 on CUDA, none on CPU
+    eval_every: int = 1                    # validate every N epochs (patience counts validations)
+    mixed_precision: str = "auto"          # auto: bf16 on CUDA and on CPUs with native bf16; else no
     max_failures: int = 1
     seed: int = 42
     warm_start: bool = True                # fine-tune from the promoted model when there is one

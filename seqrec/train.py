@@ -168,19 +168,26 @@ def training_step_loss(model: torch.nn.Module, core: SeqRecModel, items: torch.T
                      num_negatives=train.num_negatives, gbce_t=train.gbce_t)
 
 
-def evaluate_batches(model: SeqRecModel, batches, ks: list[int], device: torch.device) -> dict[str, float]:
-    """Sums of leave-one-out metrics over batches of {items, event_types} (last column = target)."""
+def evaluate_batches(model: SeqRecModel, batches, ks: list[int], device: torch.device,
+                     bf16: bool = False) -> dict[str, float]:
+    """Sums of leave-one-out metrics over batches of {items, event_types} (last column = target).
+
+    ``bf16`` runs the sequence encoder under bf16 autocast; ranking is always float32 so that
+    near-ties are not decided by rounding.
+    """
     config = model.config
     excluded = torch.zeros(config.num_items + 1, dtype=torch.bool, device=device)
     totals: dict[str, float] = {"users": 0.0}
     model.eval()
     with torch.inference_mode():
-        table = model.item_table()[: config.num_items + 1]
+        table = model.item_table()[: config.num_items + 1].float()
         for batch in batches:
             items, types = batch["items"].to(device), batch["event_types"].to(device)
             targets, history, history_types = items[:, -1], items[:, :-1], types[:, :-1]
             inputs, input_types = query_inputs(history, history_types, config.kind, config.mask_index)
-            queries = model.user_vectors(inputs, input_types)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                queries = model.user_vectors(inputs, input_types)
+            queries = queries.float()
             ranked = rank_unseen(queries, table, history, k=max(ks), excluded=excluded, targets=targets)
             for key, value in ranking_metrics(ranked.target_rank, ks).items():
                 totals[key] = totals.get(key, 0.0) + value
@@ -217,6 +224,23 @@ def means(totals: dict[str, float], prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": v / users for k, v in totals.items() if k != "users"}
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 / AMX): then bf16 autocast is ~1.5x faster."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_mixed_precision(train: TrainConfig) -> str:
+    """``auto``: bf16 on CUDA and on CPUs with native bf16 matmuls, full fp32 otherwise."""
+    if train.mixed_precision != "auto":
+        return train.mixed_precision
+    if train.use_gpu:
+        return "bf16" if torch.cuda.is_available() else "no"
+    return "bf16" if cpu_has_fast_bf16() else "no"
+
+
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from accelerate import Accelerator
 
@@ -226,9 +250,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(train.seed + rank)
-    mixed = train.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if train.use_gpu and torch.cuda.is_available() else "no"
+    mixed = resolve_mixed_precision(train)
     # cpu=True on CPU workers: without it Accelerate skipped gradient sync under Ray Train.
     accelerator = Accelerator(cpu=not train.use_gpu, mixed_precision=mixed)
     device = accelerator.device
@@ -286,18 +308,18 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         train_s = time.perf_counter() - started
         totals = {"loss_sum": loss_sum, "steps": float(steps), "seen": float(seen)}
         totals = _reduce_sums(totals)
-        val_totals = _reduce_sums(evaluate_batches(core, val_shard.iter_torch_batches(batch_size=512, dtypes=torch.long),
-                                                   loop["ks"], device))
         metrics = {"epoch": epoch, "train_loss": totals["loss_sum"] / max(totals["steps"], 1.0),
-                   "train_seq_per_s": totals["seen"] / max(train_s, 1e-9), "epoch_s": time.perf_counter() - started,
-                   "replicas_in_sync": replicas_in_sync(core),
-                   **means(val_totals, "val_")}
-        improved = metrics[SELECTION_METRIC] > best
-        if improved:
-            best, best_epoch, patience_left = metrics[SELECTION_METRIC], epoch, train.patience
-            best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
-        else:
-            patience_left -= 1
+                   "train_seq_per_s": totals["seen"] / max(train_s, 1e-9), "replicas_in_sync": replicas_in_sync(core)}
+        if (epoch + 1) % train.eval_every == 0 or epoch == train.epochs - 1:
+            val_batches = val_shard.iter_torch_batches(batch_size=512, dtypes=torch.long)
+            metrics.update(means(_reduce_sums(evaluate_batches(core, val_batches, loop["ks"], device, mixed == "bf16")),
+                                 "val_"))
+            if metrics[SELECTION_METRIC] > best:
+                best, best_epoch, patience_left = metrics[SELECTION_METRIC], epoch, train.patience
+                best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+            else:
+                patience_left -= 1
+        metrics["epoch_s"] = time.perf_counter() - started
         history.append(metrics)
         stop = patience_left <= 0 or epoch == train.epochs - 1
         if rank == 0:
