@@ -7,8 +7,9 @@ and promotes a randomly initialised model artifact of the real architecture, and
 
 * wall seconds of the whole stage (reading, encoding, model, ranking, writing, publishing) and
   users/second;
-* peak memory of all local Ray processes together (driver + GCS + raylet + workers: see
-  ``harness.ProcessTreeMemory``), as summed RSS and as summed PSS (shared pages counted once);
+* peak memory of all local Ray processes together (driver + GCS + raylet + workers) and Ray's
+  object store: ``harness.ProcessTreeMemory`` explains the count (``peak_mem_gib``) and the two
+  others kept beside it (summed PSS, summed RSS);
 * the roofline ratio: achieved FLOP/s, counted analytically (see :func:`flops_per_user`), over
   this machine's float32 matmul FLOP/s measured in the same run with as many torch threads as
   there are scoring actors;
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import resource
@@ -51,7 +53,7 @@ log = logging.getLogger("benchmarks.scoring")
 
 EVENT_TYPES = ["view", "click", "cart", "purchase", "interaction"]
 ROWS_PER_FILE = 200_000          # as seqrec.prepare writes sequences
-FIRST_DATE = "2030-01-01"
+CALIBRATION_DATE, CALIBRATION_USERS = "2030-02-01", 2048
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +112,16 @@ def write_sequences(storage, date: str, users: int, num_items: int, seq_len: int
     return written
 
 
+def in_child_process(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a forked child: the driver, whose memory is measured, keeps no trace
+    of generating the data (allocators rarely hand freed memory back to the system)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        return pool.apply(fn, args, kwargs)
+
+
 def write_model(storage, num_items: int, seq_len: int, hidden: int, layers: int, heads: int, seed: int = 0) -> str:
     """A randomly initialised model of the real architecture, saved and promoted; returns its version."""
     from seqrec import artifact as artifacts
@@ -152,39 +164,51 @@ def measure_users(storage, version: str, users: int, date: str, args, flops: dic
     from seqrec.runtime import init_ray
 
     started = time.perf_counter()
-    data_bytes = write_sequences(storage, date, users, args.items, args.seq_len, seed=seed)
+    data_bytes = in_child_process(write_sequences, storage, date, users, args.items, args.seq_len, seed=seed)
     generate_s = time.perf_counter() - started
+    started_ray = not ray.is_initialized()     # a caller's Ray (the tests') is used and left running
     init_ray()
     try:
         peak = harness.matmul_peak_flops(args.actors)
         run = run_stage(storage, date, version, actors=args.actors, batch_size=args.batch_size,
                         item_chunk=args.item_chunk)
         peak = max(peak, harness.matmul_peak_flops(args.actors))   # the better of before / after
-        one_actor = None
+        one_actor = fixed = None
         if users == args.speedup_users and args.actors != 1:
             one_actor = run_stage(storage, date, version, actors=1, batch_size=args.batch_size,
                                   item_chunk=args.item_chunk)
+            # The stage's fixed cost (starting actors, loading the model, publishing) for each actor
+            # count, measured on a few users; subtracted, it leaves the steady-state speedup.
+            write_sequences(storage, CALIBRATION_DATE, CALIBRATION_USERS, args.items, args.seq_len, seed=99)
+            fixed = {n: run_stage(storage, CALIBRATION_DATE, version, actors=n, batch_size=args.batch_size,
+                                  item_chunk=args.item_chunk)["wall_s"] for n in (args.actors, 1)}
     finally:
-        ray.shutdown()
+        if started_ray:
+            ray.shutdown()
     if run["rows"] != users:
         raise AssertionError(f"scored {run['rows']} users, expected {users}")
     achieved = users * flops["total"] / run["wall_s"]
     row = {
         "users": users, "actors": args.actors, "wall_s": round(run["wall_s"], 2),
         "users_per_s": round(users / run["wall_s"], 1),
-        "peak_mem_gib": run["peak_pss_gib"], "peak_rss_sum_gib": run["peak_rss_gib"],
+        "peak_mem_gib": run["peak_mem_gib"], "peak_pss_sum_gib": run["peak_pss_gib"],
+        "peak_rss_sum_gib": run["peak_rss_gib"], "peak_object_store_gib": run["peak_object_store_gib"],
         "achieved_gflop_s": round(achieved / 1e9, 2), "peak_gflop_s": round(peak / 1e9, 2),
         "roofline_ratio": round(achieved / peak, 3),
-        "actor_speedup": None, "one_actor_wall_s": None,
+        "actor_speedup": None, "actor_speedup_steady": None, "one_actor_wall_s": None,
         "generate_s": round(generate_s, 1), "input_gib_in_memory": round(data_bytes / harness.GIB, 3),
         "memory_samples": run["memory_samples"], "peak_processes": run["peak_processes"],
+        "peak_mem_gib_by_process": run["peak_mem_gib_by_process"],
         "cpu_s_by_process": run["cpu_s_by_process"], "cpu_s_other_processes": run["cpu_s_other_processes"],
-        "cpu_s_available": run["cpu_s_available"],
+        "cpu_s_available": run["cpu_s_available"], "cpu_s_stolen_by_host": run["cpu_s_stolen_by_host"],
     }
     if one_actor:
         row["one_actor_wall_s"] = round(one_actor["wall_s"], 2)
         row["actor_speedup"] = round(one_actor["wall_s"] / run["wall_s"], 3)
-        row["one_actor_peak_mem_gib"] = one_actor["peak_pss_gib"]
+        row["fixed_s_by_actors"] = {str(n): round(v, 2) for n, v in fixed.items()}
+        row["actor_speedup_steady"] = round((one_actor["wall_s"] - fixed[1]) / max(run["wall_s"] - fixed[args.actors],
+                                                                                     1e-9), 3)
+        row["one_actor_peak_mem_gib"] = one_actor["peak_mem_gib"]
         row["one_actor_cpu_s_by_process"] = one_actor["cpu_s_by_process"]
         row["one_actor_cpu_s_other_processes"] = one_actor["cpu_s_other_processes"]
     storage.delete_dir("sequences", f"dt={date}")
@@ -275,6 +299,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sweep-items", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000],
                         help="catalogue sizes for --items-sweep (default 100000 1000000 10000000)")
     parser.add_argument("--sweep-queries", type=int, default=256, help="query rows for --items-sweep (default 256)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of other user counts already in the JSON file (replace same users)")
     parser.add_argument("--smoke", action="store_true", help="a tiny version that runs in seconds (for tests)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/scoring.json, "
                         "scoring-items.json for --items-sweep, scoring-smoke.json for --smoke)")
@@ -319,16 +345,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.root is None:
             shutil.rmtree(root, ignore_errors=True)
-    # The speedup measured at --speedup-users stands for every row (stated in the row).
+    # The speedup measured at --speedup-users stands for every row (each row says where it was measured).
     speedup = next((r for r in rows if r["actor_speedup"] is not None), None)
     for row in rows:
         row["actor_speedup_measured_at_users"] = speedup["users"] if speedup else None
         if speedup and row["actor_speedup"] is None:
             row["actor_speedup"] = speedup["actor_speedup"]
-    print(harness.table(rows, ["users", "wall_s", "users_per_s", "peak_mem_gib", "peak_rss_sum_gib",
-                               "achieved_gflop_s", "peak_gflop_s", "roofline_ratio", "actor_speedup"]))
+            row["actor_speedup_steady"] = speedup["actor_speedup_steady"]
+    out = Path(args.out) if args.out else harness.RESULTS / f"{name}.json"
+    if args.merge and out.exists():
+        measured = {r["users"] for r in rows}
+        rows = sorted([r for r in json.loads(out.read_text())["rows"] if r["users"] not in measured] + rows,
+                      key=lambda r: r["users"])
+    print(harness.table(rows, ["users", "wall_s", "users_per_s", "peak_mem_gib", "peak_object_store_gib",
+                               "achieved_gflop_s", "peak_gflop_s", "roofline_ratio", "actor_speedup",
+                               "actor_speedup_steady"]))
     path = harness.write_results(name, {"settings": settings, "flops_per_user": flops,
-                                        "flops_formula": flops_per_user.__doc__.strip(), "rows": rows}, args.out)
+                                        "flops_formula": flops_per_user.__doc__.strip(), "rows": rows}, out)
     print(f"wrote {path}")
     return 0
 
