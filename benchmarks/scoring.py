@@ -345,18 +345,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.root is None:
             shutil.rmtree(root, ignore_errors=True)
-    # The speedup measured at --speedup-users stands for every row (each row says where it was measured).
-    speedup = next((r for r in rows if r["actor_speedup"] is not None), None)
-    for row in rows:
-        row["actor_speedup_measured_at_users"] = speedup["users"] if speedup else None
-        if speedup and row["actor_speedup"] is None:
-            row["actor_speedup"] = speedup["actor_speedup"]
-            row["actor_speedup_steady"] = speedup["actor_speedup_steady"]
     out = Path(args.out) if args.out else harness.RESULTS / f"{name}.json"
     if args.merge and out.exists():
         measured = {r["users"] for r in rows}
         rows = sorted([r for r in json.loads(out.read_text())["rows"] if r["users"] not in measured] + rows,
                       key=lambda r: r["users"])
+        settings["users"] = [r["users"] for r in rows]
+    # The speedup measured at --speedup-users stands for every row (each row says where it was measured).
+    speedup = next((r for r in rows if r.get("actor_speedup_measured_at_users") in (None, r["users"])
+                    and r["actor_speedup"] is not None), None)
+    for row in rows:
+        row["actor_speedup_measured_at_users"] = speedup["users"] if speedup else None
+        if speedup and row is not speedup:
+            row["actor_speedup"] = speedup["actor_speedup"]
+            row["actor_speedup_steady"] = speedup["actor_speedup_steady"]
     print(harness.table(rows, ["users", "wall_s", "users_per_s", "peak_mem_gib", "peak_object_store_gib",
                                "achieved_gflop_s", "peak_gflop_s", "roofline_ratio", "actor_speedup",
                                "actor_speedup_steady"]))

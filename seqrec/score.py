@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -28,14 +29,14 @@ from seqrec.config import ScoreConfig
 from seqrec.data import Vocabulary, encode
 from seqrec.publish import publish_partition
 from seqrec.ranking import rank_unseen
-from seqrec.storage import Storage
+from seqrec.storage import Storage, retry
 from seqrec.train import query_inputs
 
 log = logging.getLogger("seqrec.score")
 
 COLUMNS = ["user_id", "item_ids", "event_types"]
-# Users per forward pass on CPU: the (rows, T, 4H) MLP activations then stay in cache. Measured with
-# benchmarks/scoring.py (T=50, H=64, one thread): 128 rows ~60 GFLOP/s, 1024 rows ~35 GFLOP/s.
+# Users per forward pass on CPU: the (rows, T, 4H) MLP activations then stay in cache. Measured
+# (T=50, H=64, 2 layers, one thread): 128 rows 68 GFLOP/s, 256 rows 58, 1024 rows 41.
 CPU_FORWARD_ROWS = 128
 
 
@@ -63,6 +64,21 @@ def unavailable_items(storage: Storage, vocab: Vocabulary) -> np.ndarray:
             index = vocab.lookup(off)
             excluded[index[index > 0]] = True
     return excluded
+
+
+def read_sequence_files(paths: pa.Table, root: str, rows: int) -> Iterator[pa.Table]:
+    """Ray Data batch function: Parquet paths -> the scoring columns of their sequences, ``rows`` at a time.
+
+    pyarrow decodes a slice of a file at a time this way. Measured with benchmarks/scoring.py at 1M
+    users (200k-user files of 50 events): the read worker peaked at ~0.6 GiB, where a
+    ``ray.data.read_parquet`` task held ~1.5 GiB, and a Ray worker keeps such heap after its task
+    (hence ``max_calls=1``: a fresh worker per file, gone when it is done).
+    """
+    filesystem = Storage(root).filesystem
+    for path in paths["path"].to_pylist():
+        parquet = retry(lambda: pq.ParquetFile(filesystem.open_input_file(path)), what=f"open {path}")
+        for batch in parquet.iter_batches(batch_size=rows, columns=COLUMNS):
+            yield pa.Table.from_batches([batch])
 
 
 class Recommender:
@@ -148,17 +164,16 @@ def score(storage: Storage, date: str, version: str, config: ScoreConfig) -> Sco
     probe = artifacts.load(storage, version, cache_dir=tempfile.mkdtemp(prefix="seqrec-probe-"))
     excluded = unavailable_items(storage, probe.vocab)
     use_gpu = config.gpus_per_actor > 0
-    # select_columns is pushed down into the Parquet reader: only these columns are read. A read task
-    # holds ~1 GiB of heap for a 200k-row file and a Ray worker keeps it after the task: max_calls=1
-    # gives each file a fresh worker that exits when done (measured: the peak of the stage at 1M
-    # users fell from 4.1 to ... GiB).
-    dataset = ray.data.read_parquet(files, filesystem=storage.filesystem, max_calls=1).select_columns(COLUMNS)
-    # The reader may hand back one block per file (or one in all): one busy actor. Blocks are cut to
-    # at most `rows_per_block` rows by *streaming* repartition, so memory does not grow with the
-    # number of users (repartition(num_blocks) is all-to-all: it held every sequence at once).
+    # Each file is read `rows_per_block` users at a time (see read_sequence_files), and blocks are cut
+    # to at most that many rows by *streaming* repartition, so that every actor gets work and memory
+    # does not grow with the number of users (repartition(num_blocks) is all-to-all: it held every
+    # sequence at once).
     blocks = config.num_blocks or max(4 * config.num_actors, 1)
     rows = sum(pq.read_metadata(f, filesystem=storage.filesystem).num_rows for f in files)
     rows_per_block = max(1, min(4 * config.batch_size, -(-rows // blocks)))
+    dataset = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
+        read_sequence_files, fn_kwargs=dict(root=storage.root, rows=rows_per_block), batch_size=1,
+        batch_format="pyarrow", max_calls=1)
     dataset = dataset.repartition(target_num_rows_per_block=rows_per_block)
     recommendations = dataset.map_batches(
         Recommender,
