@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from seqrec import artifact
         from seqrec.evaluate import evaluate, summary_table
-        from seqrec.nightly import train_candidate
+        from seqrec.nightly import candidate_artifact, train_candidate
         from seqrec.prepare import read_sequences
 
         sequences = read_sequences(storage, date, columns=["user_id", "item_ids", "event_types"])
@@ -181,12 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train_candidate(storage, date, config, sequences, parent, version)
         metrics = evaluate(result.model, result.vocab, sequences, config.eval)
         print(summary_table(metrics, "val"), summary_table(metrics, "test"), sep="\n")
-        artifact.save(storage, artifact.Artifact(version, result.model, result.vocab,
-                                                 {**metrics, "history": result.history},
-                                                 {"training_data": storage.uri("sequences", f"dt={date}"),
-                                                  "parent": parent_version if parent else None,
-                                                  "code_version": artifact.code_version(),
-                                                  "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}))
+        artifact.save(storage, candidate_artifact(storage, date, config, result, version,
+                                                  parent_version if parent else None, metrics))
         if args.promote:
             artifact.promote(storage, version, "promoted by hand (seqrec train --promote)")
         print(f"model {version}: {storage.uri('models', version)}")

@@ -65,6 +65,18 @@ def train_candidate(storage: Storage, date: str, config: Config, sequences, pare
     return result
 
 
+def candidate_artifact(storage: Storage, date: str, config: Config, result, version: str, parent: str | None,
+                       metrics: dict[str, Any]) -> artifacts.Artifact:
+    """The trained candidate with its metrics and manifest (data snapshot, parent, code, config)."""
+    return artifacts.Artifact(
+        version=version, model=result.model, vocab=result.vocab,
+        metrics={**metrics, "best_epoch": result.best_epoch, "history": result.history},
+        manifest={"training_data": storage.uri("sequences", f"dt={date}"), "parent": parent,
+                  "code_version": artifacts.code_version(), "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                  "config": config.to_dict(), "train_run": storage.uri("runs", result.run_name)},
+    )
+
+
 def run_nightly(storage: Storage, date: str, config: Config) -> NightlyResult:
     timings: dict[str, float] = {}
     started_at = dt.datetime.now(dt.timezone.utc)
@@ -94,15 +106,9 @@ def run_nightly(storage: Storage, date: str, config: Config) -> NightlyResult:
     log.info("%s\n%s", summary_table(candidate_metrics, "val"), summary_table(candidate_metrics, "test"))
     log.info(decision)
 
-    candidate = artifacts.Artifact(
-        version=version, model=result.model, vocab=result.vocab,
-        metrics={**candidate_metrics, "live_val": live_metrics["val"] if live_metrics else None,
-                 "best_epoch": result.best_epoch, "history": result.history},
-        manifest={"training_data": storage.uri("sequences", f"dt={date}"), "parent": parent_version if parent and
-                  config.train.warm_start else None, "code_version": artifacts.code_version(),
-                  "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "config": config.to_dict(),
-                  "train_run": storage.uri("runs", result.run_name)},
-    )
+    candidate = candidate_artifact(storage, date, config, result, version,
+                                   parent_version if parent and config.train.warm_start else None,
+                                   {**candidate_metrics, "live_val": live_metrics["val"] if live_metrics else None})
     artifacts.save(storage, candidate)
     if promoted:
         artifacts.promote(storage, version, decision, {"val_ndcg@10": candidate_ndcg})
