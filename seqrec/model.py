@@ -100,7 +100,6 @@ class SeqRecModel(PreTrainedModel):
         # The backbone's own token table is never used (items arrive as inputs_embeds); frozen, so
         # DDP does not wait for gradients that never come.
         self.backbone.get_input_embeddings().requires_grad_(False)
-        self.dropout = nn.Dropout(config.dropout)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -130,7 +129,8 @@ class SeqRecModel(PreTrainedModel):
         if self.event_embedding is not None and event_types is not None:
             x = x + self.event_embedding(event_types)
         attention_mask = (item_ids != 0).long()
-        hidden = self.backbone(inputs_embeds=self.dropout(x), attention_mask=attention_mask).last_hidden_state
+        # Both backbones add positions and apply embedding dropout to inputs_embeds themselves.
+        hidden = self.backbone(inputs_embeds=x, attention_mask=attention_mask).last_hidden_state
         return SeqRecOutput(hidden=hidden)
 
     def user_vectors(self, item_ids: torch.Tensor, event_types: torch.Tensor | None = None) -> torch.Tensor:

@@ -48,6 +48,40 @@ def test_full_ce_equals_cross_entropy_by_hand():
     torch.testing.assert_close(full_ce(hidden, labels, items), F.cross_entropy(logits, labels - 1))
 
 
+def unfused_ce(hidden, labels, items):
+    logits = hidden @ items.T
+    logits[:, 0] = float("-inf")
+    return F.cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 12, 64])
+def test_chunked_ce_matches_autograd_of_the_unfused_loss(chunk):
+    """Loss and both gradients equal plain autograd, for chunks that do and do not divide P,
+    and when the loss is scaled before backward (the stored gradients must be scaled too)."""
+    hidden, labels, items = inputs(3)
+    expected = unfused_ce(hidden, labels, items)
+    exp_grads = torch.autograd.grad(3.0 * expected, [hidden, items])
+    got = full_ce(hidden, labels, items, chunk=chunk)
+    got_grads = torch.autograd.grad(3.0 * got, [hidden, items])
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(got_grads, exp_grads):
+        torch.testing.assert_close(g, e)
+    assert got_grads[1][0].abs().max() == 0      # padding row gets no gradient
+
+
+def test_chunked_ce_under_bf16_autocast_is_close_to_float32():
+    hidden, labels, items = inputs(4)
+    expected = unfused_ce(hidden, labels, items)
+    exp_grads = torch.autograd.grad(expected, [hidden, items])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = full_ce(hidden, labels, items, chunk=5)
+    got_grads = torch.autograd.grad(got, [hidden, items])
+    assert got.dtype == torch.float32 and all(g.dtype == torch.float32 for g in got_grads)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    for g, e in zip(got_grads, exp_grads):
+        torch.testing.assert_close(g, e, rtol=5e-2, atol=5e-3)
+
+
 def test_full_ce_ignores_the_padding_row():
     hidden, labels, items = inputs(2)
     boosted = items.detach().clone()
