@@ -80,6 +80,9 @@ class ScoreConfig:
     torch_threads: int = 1
     item_chunk: int = 16384                # top-k over the catalogue in chunks of this many items
     num_blocks: int = 0                    # 0: one block per actor x 4
+    # Object-store memory the scoring pipeline may hold (GiB; 0: Ray Data's default share). Without
+    # a cap the reader runs ahead of the actors and queued blocks grow with the number of users.
+    object_store_gib: float = 0.5
 
 
 @dataclass

@@ -35,7 +35,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, table: torch.Tensor, labels: torch.Tensor,
+    def forward(ctx, hidden: torch.Tensor, table: torch.Tensor, labels: torch.Tensor, excluded: torch.Tensor,
                 compute_dtype: torch.dtype, chunk: int) -> torch.Tensor:
         rows = len(labels)
         h, w = hidden.detach().to(compute_dtype), table.detach().to(compute_dtype)
@@ -45,7 +45,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, rows, chunk):
             h_c, y_c = h[start:start + chunk], labels[start:start + chunk]
             logits = torch.mm(h_c, w.T).float()                          # (c, N+1)
-            logits[:, 0] = float("-inf")                                 # padding is never an answer
+            logits.index_fill_(1, excluded, float("-inf"))              # padding (+ items never in training)
             lse = torch.logsumexp(logits, dim=1)
             total += (lse - logits.gather(1, y_c[:, None]).squeeze(1)).sum()
             grad = logits.sub_(lse[:, None]).exp_()                      # softmax, in place
@@ -62,19 +62,22 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_table = ctx.saved_tensors
         scale = grad_output.float() / ctx.rows
         return (grad_hidden.mul_(scale).to(ctx.dtypes[0]), grad_table.mul_(scale).to(ctx.dtypes[1]),
-                None, None, None)
+                None, None, None, None)
 
 
 def full_ce(hidden: torch.Tensor, labels: torch.Tensor, items: torch.Tensor,
-            chunk: int = CE_CHUNK_ROWS) -> torch.Tensor:
+            chunk: int = CE_CHUNK_ROWS, excluded: torch.Tensor | None = None) -> torch.Tensor:
     """hidden: (P, H) states at labelled positions; labels: (P,) in 1..N; items: (N+1, H) incl. padding.
 
+    ``excluded``: (N+1,) bool, items left out of the softmax (never a label); padding always is.
     Under autocast the matmuls run in the autocast dtype (as ``hidden @ items.T`` would).
     """
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    columns = torch.zeros(1, dtype=torch.long, device=hidden.device) if excluded is None else \
+        (excluded | (torch.arange(len(excluded), device=excluded.device) == 0)).nonzero().squeeze(1)
     with torch.autocast(device, enabled=False):
-        return ChunkedCrossEntropy.apply(hidden, items, labels, dtype, chunk)
+        return ChunkedCrossEntropy.apply(hidden, items, labels, columns, dtype, chunk)
 
 
 def sampled_ce(hidden: torch.Tensor, labels: torch.Tensor, items: torch.Tensor, log_q: torch.Tensor,
@@ -102,9 +105,11 @@ def gbce(hidden: torch.Tensor, labels: torch.Tensor, items: torch.Tensor, num_ne
 
 
 def item_loss(name: str, hidden: torch.Tensor, labels: torch.Tensor, items: torch.Tensor, *,
-              log_q: torch.Tensor | None = None, num_negatives: int = 256, gbce_t: float = 0.75) -> torch.Tensor:
+              log_q: torch.Tensor | None = None, num_negatives: int = 256, gbce_t: float = 0.75,
+              excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """``excluded`` (full CE only): items kept out of the softmax, see :func:`full_ce`."""
     if name == "ce":
-        return full_ce(hidden, labels, items)
+        return full_ce(hidden, labels, items, excluded=excluded)
     if name == "sampled":
         if log_q is None:
             raise ValueError("the sampled loss needs item sampling probabilities (log_q)")

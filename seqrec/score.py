@@ -66,18 +66,17 @@ def unavailable_items(storage: Storage, vocab: Vocabulary) -> np.ndarray:
     return excluded
 
 
-def read_sequence_files(paths: pa.Table, root: str, rows: int) -> Iterator[pa.Table]:
+def read_sequence_files(paths: pa.Table, root: str, rows: int, columns: list[str]) -> Iterator[pa.Table]:
     """Ray Data batch function: Parquet paths -> the scoring columns of their sequences, ``rows`` at a time.
 
-    pyarrow decodes a slice of a file at a time this way. Measured with benchmarks/scoring.py at 1M
-    users (200k-user files of 50 events): the read worker peaked at ~0.6 GiB, where a
-    ``ray.data.read_parquet`` task held ~1.5 GiB, and a Ray worker keeps such heap after its task
-    (hence ``max_calls=1``: a fresh worker per file, gone when it is done).
+    pyarrow decodes one row group at a time this way (seqrec writes them 64k rows long, see
+    ``seqrec.storage.ROW_GROUP_ROWS``), so a read task holds tens of MB whatever the file size,
+    where a ``ray.data.read_parquet`` task held ~1.5 GiB for a 200k-user file.
     """
     filesystem = Storage(root).filesystem
     for path in paths["path"].to_pylist():
         parquet = retry(lambda: pq.ParquetFile(filesystem.open_input_file(path)), what=f"open {path}")
-        for batch in parquet.iter_batches(batch_size=rows, columns=COLUMNS):
+        for batch in parquet.iter_batches(batch_size=rows, columns=columns):
             yield pa.Table.from_batches([batch])
 
 
@@ -154,6 +153,7 @@ class ScoreReport:
 def score(storage: Storage, date: str, version: str, config: ScoreConfig) -> ScoreReport:
     """Score all users of ``sequences/dt=date`` with model ``version``; publish atomically."""
     import ray
+    from ray.data import ExecutionResources
 
     started_at = dt.datetime.now(dt.timezone.utc)
     started = time.perf_counter()
@@ -163,6 +163,8 @@ def score(storage: Storage, date: str, version: str, config: ScoreConfig) -> Sco
     # Only the artifact's vocabulary is needed on the driver (for the availability mask).
     probe = artifacts.load(storage, version, cache_dir=tempfile.mkdtemp(prefix="seqrec-probe-"))
     excluded = unavailable_items(storage, probe.vocab)
+    # Column projection: event types are decoded only for a model that embeds them.
+    columns = COLUMNS if probe.model.config.num_event_types else [c for c in COLUMNS if c != "event_types"]
     use_gpu = config.gpus_per_actor > 0
     # Each file is read `rows_per_block` users at a time (see read_sequence_files), and blocks are cut
     # to at most that many rows by *streaming* repartition, so that every actor gets work and memory
@@ -172,8 +174,8 @@ def score(storage: Storage, date: str, version: str, config: ScoreConfig) -> Sco
     rows = sum(pq.read_metadata(f, filesystem=storage.filesystem).num_rows for f in files)
     rows_per_block = max(1, min(4 * config.batch_size, -(-rows // blocks)))
     dataset = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
-        read_sequence_files, fn_kwargs=dict(root=storage.root, rows=rows_per_block), batch_size=1,
-        batch_format="pyarrow", max_calls=1)
+        read_sequence_files, fn_kwargs=dict(root=storage.root, rows=rows_per_block, columns=columns), batch_size=1,
+        batch_format="pyarrow")
     dataset = dataset.repartition(target_num_rows_per_block=rows_per_block)
     recommendations = dataset.map_batches(
         Recommender,
@@ -186,6 +188,11 @@ def score(storage: Storage, date: str, version: str, config: ScoreConfig) -> Sco
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor or None,
     )
+
+    if config.object_store_gib > 0:
+        # Backpressure: the reader pauses while this much is queued, so memory stays flat in users.
+        recommendations.context.execution_options.resource_limits = ExecutionResources.for_limits(
+            object_store_memory=config.object_store_gib * 2**30)
 
     def write(directory: str) -> None:
         recommendations.write_parquet(directory, filesystem=storage.filesystem)

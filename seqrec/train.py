@@ -105,6 +105,10 @@ def initial_model(vocab: Vocabulary, config: ModelConfig, parent: Artifact | Non
     if text_features is not None:
         model.text_features.copy_(text_features)
     if parent is None:
+        if text_features is not None and vocab.counts is not None:
+            # Items with no training interaction are scored from their text alone (see never_trained).
+            with torch.no_grad():
+                model.item_embedding.weight[:-1][torch.from_numpy(never_trained(vocab.counts))] = 0.0
         return model
     old = parent.model.state_dict()
     new = model.state_dict()
@@ -142,8 +146,21 @@ def query_inputs(items: torch.Tensor, types: torch.Tensor, kind: str, mask_index
     return items, types
 
 
+def never_trained(counts: np.ndarray) -> np.ndarray:
+    """(N+1,) bool: padding and the items with no interaction in the training part.
+
+    A text-aware model keeps them out of the training softmax: they would only ever be negatives
+    there, so their id rows would learn "never chosen" and bury the items text alone could place
+    (the cold-start case). Their id rows stay zero and their score is their text's.
+    """
+    unseen = np.asarray(counts) == 0
+    unseen[0] = True
+    return unseen
+
+
 def training_step_loss(model: torch.nn.Module, core: SeqRecModel, items: torch.Tensor, types: torch.Tensor,
-                       train: TrainConfig, log_q: torch.Tensor | None) -> torch.Tensor:
+                       train: TrainConfig, log_q: torch.Tensor | None,
+                       excluded: torch.Tensor | None = None) -> torch.Tensor:
     """items/types: (B, T+1) left-padded training rows.
 
     ``model`` is what the forward goes through (the DDP wrapper, so gradients are synchronised);
@@ -165,7 +182,7 @@ def training_step_loss(model: torch.nn.Module, core: SeqRecModel, items: torch.T
     picked = labels != 0
     table = core.item_table()[: config.num_items + 1]              # (N+1, H) without [MASK]
     return item_loss(train.loss, hidden[picked], labels[picked], table, log_q=log_q,
-                     num_negatives=train.num_negatives, gbce_t=train.gbce_t)
+                     num_negatives=train.num_negatives, gbce_t=train.gbce_t, excluded=excluded)
 
 
 def evaluate_batches(model: SeqRecModel, batches, ks: list[int], device: torch.device,
@@ -285,6 +302,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         counts = torch.tensor(loop["item_counts"], dtype=torch.float64) + 1.0
         counts[0] = 0.0
         log_q = (counts / counts.sum()).log().float().to(device)
+    excluded = None
+    if core.config.text_dim and train.loss == "ce":
+        excluded = torch.from_numpy(never_trained(np.asarray(loop["item_counts"]))).to(device)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -297,7 +317,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                                                     local_shuffle_buffer_size=per_worker_batch * 4,
                                                     local_shuffle_seed=train.seed + epoch * 131 + rank):
             with accelerator.autocast():
-                loss = training_step_loss(model, core, batch["items"], batch["event_types"], train, log_q)
+                loss = training_step_loss(model, core, batch["items"], batch["event_types"], train, log_q, excluded)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
@@ -371,7 +391,7 @@ def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, t
     loop = {
         "train": asdict(train_config), "model_config": model.config.to_dict(), "ks": ks or [10, 20],
         "initial_state": ray.put({k: v.contiguous() for k, v in model.state_dict().items()}),
-        "train_rows": train_rows, "item_counts": vocab.counts.tolist() if train_config.loss == "sampled" else None,
+        "train_rows": train_rows, "item_counts": vocab.counts.tolist(),
     }
     resources = {"CPU": train_config.cpus_per_worker}
     if train_config.use_gpu:

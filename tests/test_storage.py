@@ -262,3 +262,25 @@ def test_server_rejects_wrong_credentials(fault_server):
                                   retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
     with pytest.raises(OSError):
         anonymous.get_file_info(pafs.FileSelector(bucket))
+
+
+def test_scoring_reader_projects_and_slices(tmp_path):
+    """The scoring reader decodes only the columns it is given, ``rows`` users at a time."""
+    import pyarrow as pa
+
+    from seqrec.score import read_sequence_files
+    from seqrec.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    table = pa.table({"user_id": pa.array(range(10), pa.int64()),
+                      "item_ids": pa.array([[1, 2]] * 10, pa.list_(pa.int64())),
+                      "event_types": pa.array([["view", "cart"]] * 10, pa.list_(pa.string())),
+                      "extra": pa.array(["x"] * 10)})
+    storage.write_table(table, "sequences", "dt=2024-01-01", "part-0.parquet", row_group_size=3)
+    paths = pa.table({"path": storage.list_files("sequences", "dt=2024-01-01", suffix=".parquet")})
+    import pyarrow.parquet as pq
+    assert pq.read_metadata(paths["path"][0].as_py(), filesystem=storage.filesystem).num_row_groups == 4
+    slices = list(read_sequence_files(paths, storage.root, rows=4, columns=["user_id", "item_ids"]))
+    assert [s.num_rows for s in slices] == [4, 4, 2]
+    assert all(s.column_names == ["user_id", "item_ids"] for s in slices)
+    assert pa.concat_tables(slices)["user_id"].to_pylist() == list(range(10))

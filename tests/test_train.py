@@ -47,3 +47,32 @@ def test_other_architecture_trains_from_scratch():
     other = ModelConfig(hidden_size=32, num_layers=1, num_heads=1, max_len=8)
     model = initial_model(parent.vocab, other, parent, None)
     assert model.config.hidden_size == 32
+
+
+def test_items_never_trained_on_start_from_text_and_stay_out_of_the_softmax():
+    import numpy as np
+
+    from seqrec.losses import full_ce
+    from seqrec.train import never_trained
+
+    vocab = Vocabulary(items=pa.array([10, 20, 30], pa.int64()), event_types=["view"],
+                       counts=np.array([0, 5, 0, 2]))                 # item 20 (index 2) never in training
+    assert never_trained(vocab.counts).tolist() == [True, False, True, False]
+    text = torch.randn(vocab.num_items + 2, 8)
+    model = initial_model(vocab, MODEL, None, text)
+    weight = model.item_embedding.weight
+    assert torch.count_nonzero(weight[2]) == 0 and torch.count_nonzero(weight[1]) > 0
+    assert torch.count_nonzero(weight[-1]) > 0                        # [MASK] untouched
+    without_text = initial_model(vocab, MODEL, None, None)
+    assert torch.count_nonzero(without_text.item_embedding.weight[2]) > 0   # id-only: ordinary init
+
+    # In the loss, an excluded item gets no gradient however high it scores.
+    hidden = torch.randn(6, 16, requires_grad=True)
+    table = model.item_table().detach()[: vocab.num_items + 1].clone().requires_grad_(True)
+    labels = torch.tensor([1, 3, 1, 3, 1, 3])
+    excluded = torch.from_numpy(never_trained(vocab.counts))
+    loss = full_ce(hidden, labels, table, excluded=excluded)
+    loss.backward()
+    assert table.grad[2].abs().max() == 0 and table.grad[1].abs().max() > 0
+    logits = hidden.detach() @ table.detach()[[1, 3]].T
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, (labels == 3).long()))
