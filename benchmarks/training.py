@@ -71,7 +71,8 @@ def model_config_for(args):
     from seqrec.config import ModelConfig
 
     return ModelConfig(kind="causal", hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                       max_len=args.max_len, dropout=args.dropout, use_event_types=False)
+                       max_len=args.max_len, dropout=args.dropout, use_event_types=False,
+                       scale_embeddings=args.scale_embeddings)
 
 
 def first_epoch_reaching(history: list[dict], setup_s: float, target: float) -> dict | None:
@@ -156,6 +157,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--batch-size", type=int, default=128, help="global batch (default 128)")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--scale-embeddings", action=argparse.BooleanOptionalAction, default=True,
+                        help="item embeddings x sqrt(hidden), as SASRec (default on)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--cpus", type=int, default=0, help="cores shared out as torch threads (default: all)")
     parser.add_argument("--merge", action="store_true",

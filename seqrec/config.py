@@ -37,6 +37,10 @@ class ModelConfig:
     dropout: float = 0.2
     use_event_types: bool = True
     text_encoder: str | None = None        # HF encoder path, "minilm" for the packaged all-MiniLM-L6-v2
+    # Multiply item embeddings by sqrt(hidden_size) before positions are added, as SASRec and the
+    # Transformer do: with N(0, 0.02) init, the item signal then dominates the position signal.
+    # Measured on ML-1M (benchmarks/training.py, 2 workers): val NDCG@10 0.120 after 7 epochs, 0.108 without.
+    scale_embeddings: bool = True
 
 
 @dataclass
@@ -83,6 +87,7 @@ class ScoreConfig:
     # Object-store memory the scoring pipeline may hold (GiB; 0: Ray Data's default share). Without
     # a cap the reader runs ahead of the actors and queued blocks grow with the number of users.
     object_store_gib: float = 0.5
+    rows_per_file: int = 250_000          # users per published Parquet file (a hint to Ray Data's writer)
 
 
 @dataclass

@@ -33,7 +33,7 @@ class SeqRecConfig(PretrainedConfig):
 
     def __init__(self, num_items: int = 1, kind: str = "causal", hidden_size: int = 64, num_layers: int = 2,
                  num_heads: int = 1, max_len: int = 200, dropout: float = 0.2, num_event_types: int = 0,
-                 text_dim: int = 0, **kwargs):
+                 text_dim: int = 0, scale_embeddings: bool = False, **kwargs):
         if kind not in KINDS:
             raise ValueError(f"model kind {kind!r} is not one of {KINDS}")
         self.num_items = num_items
@@ -45,6 +45,7 @@ class SeqRecConfig(PretrainedConfig):
         self.dropout = dropout
         self.num_event_types = num_event_types
         self.text_dim = text_dim
+        self.scale_embeddings = scale_embeddings
         super().__init__(**kwargs)
 
     @property
@@ -126,6 +127,8 @@ class SeqRecModel(PreTrainedModel):
     def forward(self, item_ids: torch.Tensor, event_types: torch.Tensor | None = None) -> SeqRecOutput:
         # item_ids: (B, T) left-padded with 0; the newest event (or [MASK]) is at T-1.
         x = nn.functional.embedding(item_ids, self.item_table())  # (B, T, H)
+        if self.config.scale_embeddings:
+            x = x * self.config.hidden_size ** 0.5
         if self.event_embedding is not None and event_types is not None:
             x = x + self.event_embedding(event_types)
         attention_mask = (item_ids != 0).long()

@@ -195,7 +195,8 @@ def score(storage: Storage, date: str, version: str, config: ScoreConfig) -> Sco
             object_store_memory=config.object_store_gib * 2**30)
 
     def write(directory: str) -> None:
-        recommendations.write_parquet(directory, filesystem=storage.filesystem)
+        # Files of ~rows_per_file users: one per output block would be ~1000 small files per million.
+        recommendations.write_parquet(directory, filesystem=storage.filesystem, min_rows_per_file=config.rows_per_file)
 
     manifest = publish_partition(storage, "recommendations", date, write, {
         "model_version": version, "input": storage.uri("sequences", f"dt={date}"),

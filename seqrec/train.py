@@ -99,7 +99,7 @@ def initial_model(vocab: Vocabulary, config: ModelConfig, parent: Artifact | Non
         num_heads=config.num_heads, max_len=config.max_len, dropout=config.dropout,
         num_event_types=len(vocab.event_types) if config.use_event_types else 0,
         text_dim=0 if text_features is None else text_features.shape[1],
-        event_types=vocab.event_types, text_encoder=config.text_encoder,
+        event_types=vocab.event_types, text_encoder=config.text_encoder, scale_embeddings=config.scale_embeddings,
     )
     model = SeqRecModel(model_config)
     if text_features is not None:
@@ -114,7 +114,8 @@ def initial_model(vocab: Vocabulary, config: ModelConfig, parent: Artifact | Non
     new = model.state_dict()
     compatible = all(old[k].shape == new[k].shape for k in new if k in old and "item_embedding" not in k
                      and "text_features" not in k)
-    if parent.model.config.kind != config.kind or not compatible:
+    same_inputs = getattr(parent.model.config, "scale_embeddings", False) == config.scale_embeddings
+    if parent.model.config.kind != config.kind or not compatible or not same_inputs:
         log.warning("promoted model %s has another architecture; training from scratch", parent.version)
         return model
     old_items = parent.vocab.num_items

@@ -192,3 +192,21 @@ def test_causal_training_ignores_the_first_event_and_padding():
         logits[0] = float("-inf")
         expected = torch.nn.functional.cross_entropy(logits[None], torch.tensor([4]))
     torch.testing.assert_close(loss.detach(), expected)
+
+
+def test_scaled_embeddings_multiply_the_item_signal_only():
+    import math
+
+    torch.manual_seed(0)
+    plain = build_model(10, hidden_size=16, num_layers=1, max_len=6, dropout=0.0)
+    scaled = build_model(10, hidden_size=16, num_layers=1, max_len=6, dropout=0.0)
+    scaled.config.scale_embeddings = True
+    scaled.load_state_dict(plain.state_dict())
+    items = torch.tensor([[0, 0, 3, 4, 5, 6]])
+    seen = {}
+    for name, model in (("plain", plain), ("scaled", scaled)):
+        model.eval()
+        model.backbone.register_forward_pre_hook(lambda m, a, kw, name=name: seen.__setitem__(name, kw["inputs_embeds"]),
+                                                 with_kwargs=True)
+        model(items)
+    torch.testing.assert_close(seen["scaled"], seen["plain"] * math.sqrt(16))

@@ -63,6 +63,7 @@ def test_success_written_last_with_manifest(night):
     manifest = storage.read_json("recommendations", f"dt={result.date}", SUCCESS)
     parts = storage.list_files("recommendations", f"dt={result.date}", suffix=".parquet")
     assert manifest["rows"] == result.recommendations.rows
+    assert len(parts) == 1      # 2000 users < score.rows_per_file: one file, not one per block
     assert sorted(manifest["files"]) == sorted(p.rsplit("/", 1)[1] for p in parts)
     success_mtime = storage.filesystem.get_file_info(f"{partition}/{SUCCESS}").mtime
     assert all(storage.filesystem.get_file_info(p).mtime <= success_mtime for p in parts)
