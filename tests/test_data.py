@@ -174,3 +174,15 @@ def test_encode_without_event_types_and_sliced_batch():
     np.testing.assert_array_equal(enc.items, [[3, 1], [0, 3]])
     np.testing.assert_array_equal(enc.event_types, [[0, 0], [0, 0]])
     np.testing.assert_array_equal(enc.lengths, [2, 1])
+
+
+@pytest.mark.parametrize("items, values, expected", [
+    (pa.array([30, 10, 20], pa.int64()), pa.array([20, 99, 30, 10, 20], pa.int64()), [3, 0, 1, 2, 3]),
+    (pa.array(["b", "a"]), pa.array(["a", "zz", "b"]), [2, 0, 1]),
+    (pa.array([30, 10, 20], pa.int64()), pa.array([10, None, 30], pa.int64()), [2, 0, 1]),     # nulls
+    (pa.array([30, 10, 20], pa.int64()), pa.array([10, 30], pa.int32()), [2, 1]),              # cast
+])
+def test_lookup_matches_arrow_index_in_and_reuses_its_index(items, values, expected):
+    vocab = Vocabulary(items=items, event_types=["view"])
+    assert vocab.lookup(values).tolist() == expected
+    assert vocab.lookup(pa.chunked_array([values])).tolist() == expected      # second call: cached index
