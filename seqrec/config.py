@@ -57,6 +57,10 @@ class TrainConfig:
     num_negatives: int = 256               # for sampled / gbce
     gbce_t: float = 0.75
     mask_prob: float = 0.2                 # bidirectional model: share of positions masked
+    # Text-aware models: share of items whose id embedding is dropped at each step (input and
+    # output side alike), so that the text projection alone learns to place an item: what items
+    # never seen in training are scored by. 0 turns it off.
+    id_dropout: float = 0.3
     patience: int = 3                      # early stopping on validation NDCG@10
     eval_every: int = 1                    # validate every N epochs (patience counts validations)
     mixed_precision: str = "auto"          # auto: bf16 on CUDA and on CPUs with native bf16; else no

@@ -117,16 +117,23 @@ class SeqRecModel(PreTrainedModel):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def item_table(self) -> torch.Tensor:
-        """(num_items + 2, H) representation of every index, shared by input and output."""
+    def item_table(self, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(num_items + 2, H) representation of every index, shared by input and output.
+
+        ``keep_ids`` (num_items + 2,) 0/1, training only: items at 0 are represented by their text
+        alone for this step (id dropout, see ``TrainConfig.id_dropout``).
+        """
         table = self.item_embedding.weight
+        if keep_ids is not None:
+            table = table * keep_ids[:, None]
         if self.text_projection is not None:
             table = table + self.text_projection(self.text_features)
         return table
 
-    def forward(self, item_ids: torch.Tensor, event_types: torch.Tensor | None = None) -> SeqRecOutput:
+    def forward(self, item_ids: torch.Tensor, event_types: torch.Tensor | None = None,
+                keep_ids: torch.Tensor | None = None) -> SeqRecOutput:
         # item_ids: (B, T) left-padded with 0; the newest event (or [MASK]) is at T-1.
-        x = nn.functional.embedding(item_ids, self.item_table())  # (B, T, H)
+        x = nn.functional.embedding(item_ids, self.item_table(keep_ids))  # (B, T, H)
         if self.config.scale_embeddings:
             x = x * self.config.hidden_size ** 0.5
         if self.event_embedding is not None and event_types is not None:

@@ -179,9 +179,13 @@ def training_step_loss(model: torch.nn.Module, core: SeqRecModel, items: torch.T
         labels = torch.where(masked, inputs, torch.zeros_like(inputs))
         inputs[masked] = config.mask_index
         input_types[masked] = 0
-    hidden = model(inputs, input_types).hidden                     # (B, T, H)
+    keep_ids = None
+    if config.text_dim and train.id_dropout > 0:
+        keep_ids = (torch.rand(config.num_items + 2, device=items.device) >= train.id_dropout).float()
+        keep_ids[-1] = 1.0                                          # [MASK] has no text to fall back on
+    hidden = model(inputs, input_types, keep_ids=keep_ids).hidden  # (B, T, H)
     picked = labels != 0
-    table = core.item_table()[: config.num_items + 1]              # (N+1, H) without [MASK]
+    table = core.item_table(keep_ids)[: config.num_items + 1]      # (N+1, H) without [MASK]
     return item_loss(train.loss, hidden[picked], labels[picked], table, log_q=log_q,
                      num_negatives=train.num_negatives, gbce_t=train.gbce_t, excluded=excluded)
 

@@ -210,3 +210,23 @@ def test_scaled_embeddings_multiply_the_item_signal_only():
                                                  with_kwargs=True)
         model(items)
     torch.testing.assert_close(seen["scaled"], seen["plain"] * math.sqrt(16))
+
+
+@pytest.mark.parametrize("id_dropout, ids_learn", [(0.0, True), (1.0, False)])
+def test_id_dropout_makes_the_text_projection_carry_items(id_dropout, ids_learn):
+    """With every id dropped, items are their text alone: the id table gets no gradient, the
+    projection does; without id dropout both learn. Id-only models ignore the setting."""
+    torch.manual_seed(0)
+    model = build_model(NUM_ITEMS, hidden_size=16, num_layers=1, max_len=8, dropout=0.0, text_dim=12)
+    model.text_features.normal_()
+    items, types = overfit_batch()
+    loss = training_step_loss(model, model, items, types, TrainConfig(loss="ce", id_dropout=id_dropout), None)
+    loss.backward()
+    id_grad = model.item_embedding.weight.grad[1:NUM_ITEMS + 1].abs().sum()
+    assert (id_grad > 0) == ids_learn
+    assert model.text_projection.weight.grad.abs().sum() > 0
+
+    plain = tiny("causal")
+    loss = training_step_loss(plain, plain, items, types, TrainConfig(loss="ce", id_dropout=1.0), None)
+    loss.backward()
+    assert plain.item_embedding.weight.grad[1:NUM_ITEMS + 1].abs().sum() > 0
