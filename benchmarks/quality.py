@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 import harness
 
@@ -219,10 +220,30 @@ def cold_start(storage, sequences: pa.Table, config, args) -> tuple[list[dict], 
                               "withheld_users": cold["users"]}))
         if encoder is None:
             pop_all, pop_cold = test["popularity"], cold["popularity"]
+        elif variant.train.cold_items == "learned":
+            # The same model with the never-trained items' id rows at zero (train.cold_items=text):
+            # what the learned placement of new items adds.
+            rows.append(text_alone_row(run["result"], variant, eval_sets, f"{label}, new items by text projection alone"))
     rows.append(row_of("popularity", pop_all, 0, None, users=rows[0]["users"],
                        **{"recall@10_withheld": round(pop_cold["hr@10"], 4),
                           "ndcg@10_withheld": round(pop_cold["ndcg@10"], 4), "withheld_users": rows[0]["withheld_users"]}))
     return rows, int(len(withheld))
+
+
+def text_alone_row(result, config, eval_sets: dict[str, pa.Table], label: str) -> dict:
+    from seqrec.evaluate import evaluate
+    from seqrec.train import never_trained
+
+    model = copy.deepcopy(result.model)
+    untrained = torch.from_numpy(never_trained(result.vocab.counts))
+    with torch.no_grad():
+        model.item_embedding.weight[: len(untrained)][untrained] = 0.0
+    metrics = {name: evaluate(model, result.vocab, table, config.eval, splits=("test",))["test"]
+               for name, table in eval_sets.items()}
+    return row_of(label, metrics["all"]["model"], len(result.history), None, best_epoch=result.best_epoch,
+                  users=metrics["all"]["users"], **{"recall@10_withheld": round(metrics["withheld"]["model"]["hr@10"], 4),
+                                                    "ndcg@10_withheld": round(metrics["withheld"]["model"]["ndcg@10"], 4),
+                                                    "withheld_users": metrics["withheld"]["users"]})
 
 
 def write_titles(path: Path, items: int = 120, seed: int = 7) -> Path:

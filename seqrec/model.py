@@ -154,3 +154,12 @@ def build_model(num_items: int, kind: str = "causal", hidden_size: int = 64, num
     return SeqRecModel(SeqRecConfig(num_items=num_items, kind=kind, hidden_size=hidden_size, num_layers=num_layers,
                                     num_heads=num_heads, max_len=max_len, dropout=dropout,
                                     num_event_types=num_event_types, text_dim=text_dim))
+
+
+def query_inputs(items: torch.Tensor, types: torch.Tensor, kind: str, mask_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model inputs whose last position yields the user vector (a [MASK] for bidirectional)."""
+    if kind == "causal":
+        return items, types
+    items = torch.cat([items[:, 1:], torch.full_like(items[:, :1], mask_index)], dim=1)
+    types = torch.cat([types[:, 1:], torch.zeros_like(types[:, :1])], dim=1)
+    return items, types

@@ -16,7 +16,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -29,8 +28,8 @@ from seqrec.config import ScoreConfig
 from seqrec.data import Vocabulary, encode
 from seqrec.publish import publish_partition
 from seqrec.ranking import rank_unseen
-from seqrec.storage import Storage, retry
-from seqrec.train import query_inputs
+from seqrec.model import query_inputs
+from seqrec.storage import Storage, read_parquet_batches
 
 log = logging.getLogger("seqrec.score")
 
@@ -64,20 +63,6 @@ def unavailable_items(storage: Storage, vocab: Vocabulary) -> np.ndarray:
             index = vocab.lookup(off)
             excluded[index[index > 0]] = True
     return excluded
-
-
-def read_sequence_files(paths: pa.Table, root: str, rows: int, columns: list[str]) -> Iterator[pa.Table]:
-    """Ray Data batch function: Parquet paths -> the scoring columns of their sequences, ``rows`` at a time.
-
-    pyarrow decodes one row group at a time this way (seqrec writes them 64k rows long, see
-    ``seqrec.storage.ROW_GROUP_ROWS``), so a read task holds tens of MB whatever the file size,
-    where a ``ray.data.read_parquet`` task held ~1.5 GiB for a 200k-user file.
-    """
-    filesystem = Storage(root).filesystem
-    for path in paths["path"].to_pylist():
-        parquet = retry(lambda: pq.ParquetFile(filesystem.open_input_file(path)), what=f"open {path}")
-        for batch in parquet.iter_batches(batch_size=rows, columns=columns):
-            yield pa.Table.from_batches([batch])
 
 
 class Recommender:
@@ -166,7 +151,7 @@ def score(storage: Storage, date: str, version: str, config: ScoreConfig) -> Sco
     # Column projection: event types are decoded only for a model that embeds them.
     columns = COLUMNS if probe.model.config.num_event_types else [c for c in COLUMNS if c != "event_types"]
     use_gpu = config.gpus_per_actor > 0
-    # Each file is read `rows_per_block` users at a time (see read_sequence_files), and blocks are cut
+    # Each file is read `rows_per_block` users at a time (see read_parquet_batches), and blocks are cut
     # to at most that many rows by *streaming* repartition, so that every actor gets work and memory
     # does not grow with the number of users (repartition(num_blocks) is all-to-all: it held every
     # sequence at once).
@@ -174,7 +159,7 @@ def score(storage: Storage, date: str, version: str, config: ScoreConfig) -> Sco
     rows = sum(pq.read_metadata(f, filesystem=storage.filesystem).num_rows for f in files)
     rows_per_block = max(1, min(4 * config.batch_size, -(-rows // blocks)))
     dataset = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
-        read_sequence_files, fn_kwargs=dict(root=storage.root, rows=rows_per_block, columns=columns), batch_size=1,
+        read_parquet_batches, fn_kwargs=dict(root=storage.root, rows=rows_per_block, columns=columns), batch_size=1,
         batch_format="pyarrow")
     dataset = dataset.repartition(target_num_rows_per_block=rows_per_block)
     recommendations = dataset.map_batches(

@@ -33,7 +33,7 @@ from seqrec.artifact import Artifact
 from seqrec.config import ModelConfig, PrepareConfig, TrainConfig
 from seqrec.data import Vocabulary, encode, list_parts
 from seqrec.losses import item_loss
-from seqrec.model import SeqRecConfig, SeqRecModel
+from seqrec.model import SeqRecConfig, SeqRecModel, query_inputs
 from seqrec.ranking import rank_unseen, ranking_metrics
 from seqrec.storage import Storage
 
@@ -138,15 +138,6 @@ def initial_model(vocab: Vocabulary, config: ModelConfig, parent: Artifact | Non
 # --------------------------------------------------------------------------------------------
 # The worker loop
 # --------------------------------------------------------------------------------------------
-def query_inputs(items: torch.Tensor, types: torch.Tensor, kind: str, mask_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model inputs whose last position yields the user vector (a [MASK] for bidirectional)."""
-    if kind == "causal":
-        return items, types
-    items = torch.cat([items[:, 1:], torch.full_like(items[:, :1], mask_index)], dim=1)
-    types = torch.cat([types[:, 1:], torch.zeros_like(types[:, :1])], dim=1)
-    return items, types
-
-
 def never_trained(counts: np.ndarray) -> np.ndarray:
     """(N+1,) bool: padding and the items with no interaction in the training part.
 
@@ -157,6 +148,103 @@ def never_trained(counts: np.ndarray) -> np.ndarray:
     unseen = np.asarray(counts) == 0
     unseen[0] = True
     return unseen
+
+
+def without_id_rows(model: SeqRecModel, counts: np.ndarray) -> np.ndarray:
+    """(N+1,) bool: items with no interaction in the training part and no id row yet (all zeros).
+
+    A warm start keeps the rows the parent learned (or placed) for items that are quiet tonight;
+    only items that never had one are placed from their text.
+    """
+    rows = model.item_embedding.weight.detach()[: len(counts)]
+    return never_trained(counts) & (rows == 0).all(1).numpy()
+
+
+PLACEMENT_USERS = 20_000
+
+
+def place_untrained_items(model: SeqRecModel, rows: np.ndarray, row_types: np.ndarray, untrained: np.ndarray, *,
+                          max_examples: int = 100_000, epochs: int = 2, batch_size: int = 512, share: float = 0.5,
+                          lr: float = 1e-3, seed: int = 0) -> dict[str, float]:
+    """Give the items in ``untrained`` (N+1 bool; padding included) rows learned from their text.
+
+    A text-aware model learns an item's id row from its interactions only, so an item with none is
+    scored by the text projection alone, which trained rows have learned to outscore: it never
+    reaches a top-k. Here, after training, a second projection ``g`` of the text is fitted with
+    everything else frozen, on the training rows ``rows`` / ``row_types`` ((U, T+1) as the training
+    loop sees them): at each step a ``share`` of the trained items are represented by ``g(text)``
+    instead of their own row, and the full-softmax loss of the (fixed) user states is minimised.
+    ``g`` thus learns to place an item from its text where a trained row would be, at the scale
+    trained rows have, and against other text-placed items (without those negatives it would only
+    grow). Training itself is unchanged, so items with interactions rank as before. The untrained
+    items' id rows are then set so that their representation is ``g(text)``. Returns the fit's loss
+    before and after, for the log.
+    """
+    config = model.config
+    cold = torch.from_numpy(untrained.copy())
+    cold[0] = False                                                       # padding stays zero
+    if int(cold.sum()) == 0 or model.text_projection is None:
+        return {"items": 0}
+    generator = torch.Generator().manual_seed(seed)
+    num = len(untrained)
+    model.eval()
+    with torch.no_grad():                                                # (inference tensors can't enter autograd)
+        text = model.text_features[:num].float().clone()
+        table = model.item_table()[:num].float().clone()                  # (N+1, H) what scoring uses
+        states, labels = [], []
+        items, types = torch.from_numpy(rows), torch.from_numpy(row_types)
+        for first in range(0, len(items), 256):
+            batch, batch_types = items[first:first + 256], types[first:first + 256]
+            if config.kind == "causal":                                  # every position predicts the next item
+                hidden = model(batch[:, :-1], batch_types[:, :-1]).hidden
+                target = batch[:, 1:].clone()
+                target[batch[:, :-1] == 0] = 0
+                picked = target != 0
+                states.append(hidden[picked])
+                labels.append(target[picked])
+            else:                                                         # the [MASK] state predicts the last item
+                inputs, input_types = query_inputs(batch[:, :-1], batch_types[:, :-1], config.kind, config.mask_index)
+                keep = batch[:, -1] != 0
+                states.append(model.user_vectors(inputs, input_types)[keep])
+                labels.append(batch[:, -1][keep])
+        states, labels = torch.cat(states).float(), torch.cat(labels)
+    keep = ~torch.from_numpy(untrained)[labels]
+    states, labels = states[keep], labels[keep]
+    if len(labels) == 0:
+        return {"items": 0}
+    if len(labels) > max_examples:
+        pick = torch.randperm(len(labels), generator=generator)[:max_examples]
+        states, labels = states[pick], labels[pick]
+    excluded = torch.from_numpy(untrained.copy())                        # padding and untrained: no column
+    projection = torch.nn.Linear(config.text_dim, config.hidden_size)
+    with torch.no_grad():
+        projection.weight.copy_(model.text_projection.weight)
+        projection.bias.zero_()
+    optimizer = torch.optim.Adam(projection.parameters(), lr=lr)
+
+    def loss_of(chosen: torch.Tensor, placed: torch.Tensor) -> torch.Tensor:
+        candidates = torch.where(placed[:, None], projection(text), table)
+        logits = (states[chosen] @ candidates.T).masked_fill(excluded, float("-inf"))
+        return torch.nn.functional.cross_entropy(logits, labels[chosen])
+
+    def placed_share() -> torch.Tensor:
+        return torch.rand(num, generator=generator) < share
+
+    probe = torch.randperm(len(labels), generator=generator)[:4096]
+    probe_placed = placed_share()
+    with torch.no_grad():
+        before = float(loss_of(probe, probe_placed))
+    for _ in range(epochs):
+        for chosen in torch.randperm(len(labels), generator=generator).split(batch_size):
+            optimizer.zero_grad()
+            loss_of(chosen, placed_share()).backward()
+            optimizer.step()
+    with torch.no_grad():
+        after = float(loss_of(probe, probe_placed))
+        placed = projection(text[cold])
+        own_text = model.text_projection(model.text_features[:num][cold])
+        model.item_embedding.weight[:num][cold] = (placed - own_text).to(model.item_embedding.weight.dtype)
+    return {"items": int(cold.sum()), "examples": len(labels), "loss_before": before, "loss_after": after}
 
 
 def training_step_loss(model: torch.nn.Module, core: SeqRecModel, items: torch.Tensor, types: torch.Tensor,
@@ -383,6 +471,8 @@ def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, t
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if train_config.cold_items not in ("learned", "text"):
+        raise ValueError(f"train.cold_items must be 'learned' or 'text', got {train_config.cold_items!r}")
     started = time.perf_counter()
     vocab = build_vocabulary(sequences, prepare_config, parent if train_config.warm_start else None)
     vocab.counts = item_counts(sequences, vocab)
@@ -423,6 +513,17 @@ def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, t
     with result.checkpoint.as_directory() as directory:
         state = json.loads(Path(directory, "state.json").read_text())
         model.load_state_dict(load_file(os.path.join(directory, "best.safetensors")))
+    if model.text_projection is not None and train_config.cold_items == "learned":
+        sample = sequences.select(["item_ids", "event_types"])
+        if sample.num_rows > PLACEMENT_USERS:                          # the fit needs examples, not everyone
+            rng = np.random.default_rng(train_config.seed)
+            sample = sample.take(np.sort(rng.choice(sample.num_rows, PLACEMENT_USERS, replace=False)))
+        rows = EncodeSplit(vocab, model_config.max_len, holdout=2)(sample)
+        fit = place_untrained_items(model, rows["items"], rows["event_types"], without_id_rows(model, vocab.counts),
+                                    seed=train_config.seed)
+        if fit["items"]:
+            log.info("%d items with no training interaction placed from their text (%d examples, loss %.3f -> %.3f)",
+                     fit["items"], fit["examples"], fit["loss_before"], fit["loss_after"])
     model.eval()
     history = state["history"]
     best_val = next((h for h in history if h["epoch"] == state["best_epoch"]), {})

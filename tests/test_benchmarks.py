@@ -158,6 +158,21 @@ def test_quality_smoke(ray_shared, tiny_dataset, tmp_path):
     assert model["epochs"] == 1 and model["wall_minutes"] > 0
 
 
+def test_quality_cold_start_smoke(ray_shared, tiny_dataset, tmp_path):
+    """Id-only vs text-aware on withheld items, with the text model also scored without the learned
+    placement of new items."""
+    out = tmp_path / "cold.json"
+    events, titles = tiny_dataset
+    assert quality.main(["--smoke", "--cold-start", "--data", str(events), "--format", "sasrec", "--titles",
+                         str(titles), "--set", "train.epochs=1", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    rows = {r["model"]: r for r in payload["rows"]}
+    assert list(rows) == ["id-only", "text:minilm", "text:minilm, new items by text projection alone", "popularity"]
+    assert payload["dataset"]["withheld_items"] > 0
+    for row in rows.values():
+        assert 0 <= row["recall@10_withheld"] <= 1 and row["withheld_users"] > 0
+
+
 def test_withheld_items_leave_training_but_stay_as_test_targets():
     sequences = pa.table({
         "user_id": pa.array([1, 2, 3], pa.int64()),

@@ -230,3 +230,34 @@ def test_id_dropout_makes_the_text_projection_carry_items(id_dropout, ids_learn)
     loss = training_step_loss(plain, plain, items, types, TrainConfig(loss="ce", id_dropout=1.0), None)
     loss.backward()
     assert plain.item_embedding.weight.grad[1:NUM_ITEMS + 1].abs().sum() > 0
+
+
+def test_untrained_items_are_placed_from_their_text():
+    """The learned placement lowers its own loss and writes only the untrained items' id rows."""
+    import numpy as np
+
+    from seqrec.train import place_untrained_items
+
+    torch.manual_seed(0)
+    n = 40
+    model = build_model(n, hidden_size=16, num_layers=1, max_len=8, dropout=0.0, text_dim=12)
+    model.text_features.normal_()
+    rows = torch.randint(1, n + 1, (64, 9))
+    rows[:, :2] = 0                                                      # left padding
+    untrained = np.zeros(n + 1, dtype=bool)
+    untrained[0] = True
+    untrained[[5, 17, 33]] = True
+    rows[torch.isin(rows, torch.tensor([5, 17, 33]))] = 7                # untrained: in no training row
+    with torch.no_grad():
+        model.item_embedding.weight[[5, 17, 33]] = 0.0
+    before = model.item_embedding.weight.detach().clone()
+
+    fit = place_untrained_items(model, rows.numpy(), torch.zeros_like(rows).numpy(), untrained, epochs=20,
+                                batch_size=64, lr=1e-2)
+
+    after = model.item_embedding.weight.detach()
+    assert fit["items"] == 3 and fit["loss_after"] < fit["loss_before"]
+    assert torch.count_nonzero(after[[5, 17, 33]]) > 0
+    trained = torch.from_numpy(~untrained)
+    assert torch.equal(after[: n + 1][trained], before[: n + 1][trained])
+    assert torch.equal(after[0], before[0]) and torch.equal(after[n + 1:], before[n + 1:])

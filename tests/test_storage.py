@@ -268,8 +268,7 @@ def test_scoring_reader_projects_and_slices(tmp_path):
     """The scoring reader decodes only the columns it is given, ``rows`` users at a time."""
     import pyarrow as pa
 
-    from seqrec.score import read_sequence_files
-    from seqrec.storage import Storage
+    from seqrec.storage import Storage, read_parquet_batches
 
     storage = Storage(str(tmp_path))
     table = pa.table({"user_id": pa.array(range(10), pa.int64()),
@@ -280,7 +279,20 @@ def test_scoring_reader_projects_and_slices(tmp_path):
     paths = pa.table({"path": storage.list_files("sequences", "dt=2024-01-01", suffix=".parquet")})
     import pyarrow.parquet as pq
     assert pq.read_metadata(paths["path"][0].as_py(), filesystem=storage.filesystem).num_row_groups == 4
-    slices = list(read_sequence_files(paths, storage.root, rows=4, columns=["user_id", "item_ids"]))
+    slices = list(read_parquet_batches(paths, storage.root, rows=4, columns=["user_id", "item_ids"]))
     assert [s.num_rows for s in slices] == [4, 4, 2]
     assert all(s.column_names == ["user_id", "item_ids"] for s in slices)
     assert pa.concat_tables(slices)["user_id"].to_pylist() == list(range(10))
+
+
+def test_scoring_reader_module_needs_no_torch():
+    """Ray imports a task function's module in each worker that runs it: the scoring reader's must
+    not pull in torch and transformers (seconds of CPU per read worker, taken from the actors)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, seqrec.storage; "
+            "heavy = sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules); print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+

@@ -76,3 +76,16 @@ def test_items_never_trained_on_start_from_text_and_stay_out_of_the_softmax():
     assert table.grad[2].abs().max() == 0 and table.grad[1].abs().max() > 0
     logits = hidden.detach() @ table.detach()[[1, 3]].T
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, (labels == 3).long()))
+
+
+def test_only_items_without_an_id_row_are_placed_from_text():
+    """Quiet tonight but learned before (a warm start kept the row): left alone; new: placed."""
+    import numpy as np
+
+    from seqrec.train import without_id_rows
+
+    parent = _parent()
+    grown = parent.vocab.extend(pa.array([40], pa.int64()))
+    grown.counts = np.array([0, 3, 0, 1, 0])                          # 20 quiet tonight, 40 new
+    model = initial_model(grown, MODEL, parent, torch.randn(grown.num_items + 2, 8))
+    assert without_id_rows(model, grown.counts).tolist() == [True, False, False, False, True]
