@@ -15,7 +15,7 @@ and promotes a randomly initialised model artifact of the real architecture, and
   there are scoring actors;
 * actor_speedup: the same stage with 2 actors vs 1 actor (one torch thread each) on the same data, at
   ``--speedup-users``. The stage's fixed start-up (~6.5 s: actor processes, importing torch and
-  transformers in them) weighs on small runs: measured at 1M users it is 1.75, at 100k 1.27.
+  transformers in them) weighs on small runs: measured at 1M users it is 1.75, at 100k 1.38.
 
 ``--items-sweep`` measures :func:`seqrec.ranking.rank_unseen` alone: a (256 x H) query block against
 item tables up to 10,000,000 items, reporting how much resident memory the ranking adds on top of
