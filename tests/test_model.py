@@ -232,7 +232,8 @@ def test_id_dropout_makes_the_text_projection_carry_items(id_dropout, ids_learn)
     assert plain.item_embedding.weight.grad[1:NUM_ITEMS + 1].abs().sum() > 0
 
 
-def test_untrained_items_are_placed_from_their_text():
+@pytest.mark.parametrize("kind", KINDS)
+def test_untrained_items_are_placed_from_their_text(kind):
     """The learned placement lowers its own loss and writes only the untrained items' id rows."""
     import numpy as np
 
@@ -240,7 +241,7 @@ def test_untrained_items_are_placed_from_their_text():
 
     torch.manual_seed(0)
     n = 40
-    model = build_model(n, hidden_size=16, num_layers=1, max_len=8, dropout=0.0, text_dim=12)
+    model = build_model(n, kind=kind, hidden_size=16, num_layers=1, max_len=8, dropout=0.0, text_dim=12)
     model.text_features.normal_()
     rows = torch.randint(1, n + 1, (64, 9))
     rows[:, :2] = 0                                                      # left padding
