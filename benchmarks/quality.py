@@ -213,21 +213,24 @@ def cold_start(storage, sequences: pa.Table, config, args) -> tuple[list[dict], 
         variant.model.text_encoder = encoder
         run = train_and_evaluate(storage, filtered, variant, label, eval_sets)
         test, cold = run["metrics"]["all"]["test"], run["metrics"]["withheld"]["test"]
-        rows.append(row_of(label, test["model"], len(run["result"].history), run["wall_s"],
-                           best_epoch=run["result"].best_epoch, users=test["users"],
-                           **{"recall@10_withheld": round(cold["model"]["hr@10"], 4),
-                              "ndcg@10_withheld": round(cold["model"]["ndcg@10"], 4),
-                              "withheld_users": cold["users"]}))
+        rows.append(cold_row(label, test, cold, "model", run["result"], run["wall_s"]))
         if encoder is None:
-            pop_all, pop_cold = test["popularity"], cold["popularity"]
+            pop_all, pop_cold = test, cold
         elif variant.train.cold_items == "learned":
             # The same model with the never-trained items' id rows at zero (train.cold_items=text):
             # what the learned placement of new items adds.
             rows.append(text_alone_row(run["result"], variant, eval_sets, f"{label}, new items by text projection alone"))
-    rows.append(row_of("popularity", pop_all, 0, None, users=rows[0]["users"],
-                       **{"recall@10_withheld": round(pop_cold["hr@10"], 4),
-                          "ndcg@10_withheld": round(pop_cold["ndcg@10"], 4), "withheld_users": rows[0]["withheld_users"]}))
+    rows.append(cold_row("popularity", pop_all, pop_cold, "popularity"))
     return rows, int(len(withheld))
+
+
+def cold_row(label: str, test: dict, cold: dict, scorer: str, result=None, wall_s: float | None = None) -> dict:
+    """A table row: ``scorer`` ("model" or "popularity") over all test users and the withheld ones."""
+    extra = {"best_epoch": result.best_epoch} if result is not None else {}
+    return row_of(label, test[scorer], len(result.history) if result is not None else 0, wall_s, **extra,
+                  users=test["users"], **{"recall@10_withheld": round(cold[scorer]["hr@10"], 4),
+                                          "ndcg@10_withheld": round(cold[scorer]["ndcg@10"], 4),
+                                          "withheld_users": cold["users"]})
 
 
 def text_alone_row(result, config, eval_sets: dict[str, pa.Table], label: str) -> dict:
@@ -240,10 +243,7 @@ def text_alone_row(result, config, eval_sets: dict[str, pa.Table], label: str) -
         model.item_embedding.weight[: len(untrained)][untrained] = 0.0
     metrics = {name: evaluate(model, result.vocab, table, config.eval, splits=("test",))["test"]
                for name, table in eval_sets.items()}
-    return row_of(label, metrics["all"]["model"], len(result.history), None, best_epoch=result.best_epoch,
-                  users=metrics["all"]["users"], **{"recall@10_withheld": round(metrics["withheld"]["model"]["hr@10"], 4),
-                                                    "ndcg@10_withheld": round(metrics["withheld"]["model"]["ndcg@10"], 4),
-                                                    "withheld_users": metrics["withheld"]["users"]})
+    return cold_row(label, metrics["all"], metrics["withheld"], "model", result)
 
 
 def write_titles(path: Path, items: int = 120, seed: int = 7) -> Path:

@@ -150,6 +150,13 @@ def never_trained(counts: np.ndarray) -> np.ndarray:
     return unseen
 
 
+def next_item_pairs(items: torch.Tensor, types: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal training rows (B, T+1) -> inputs, their types and next-item labels (B, T); 0 = no label."""
+    inputs, input_types, labels = items[:, :-1], types[:, :-1], items[:, 1:].clone()
+    labels[inputs == 0] = 0               # the first event has no context to predict it from
+    return inputs, input_types, labels
+
+
 def without_id_rows(model: SeqRecModel, counts: np.ndarray) -> np.ndarray:
     """(N+1,) bool: items with no interaction in the training part and no id row yet (all zeros).
 
@@ -181,7 +188,8 @@ def place_untrained_items(model: SeqRecModel, rows: np.ndarray, row_types: np.nd
     before and after, for the log.
     """
     config = model.config
-    cold = torch.from_numpy(untrained.copy())
+    excluded = torch.from_numpy(untrained.copy())                        # padding and untrained: no column
+    cold = excluded.clone()
     cold[0] = False                                                       # padding stays zero
     if int(cold.sum()) == 0 or model.text_projection is None:
         return {"items": 0}
@@ -196,11 +204,9 @@ def place_untrained_items(model: SeqRecModel, rows: np.ndarray, row_types: np.nd
         for first in range(0, len(items), 256):
             batch, batch_types = items[first:first + 256], types[first:first + 256]
             if config.kind == "causal":                                  # every position predicts the next item
-                hidden = model(batch[:, :-1], batch_types[:, :-1]).hidden
-                target = batch[:, 1:].clone()
-                target[batch[:, :-1] == 0] = 0
+                inputs, input_types, target = next_item_pairs(batch, batch_types)
                 picked = target != 0
-                states.append(hidden[picked])
+                states.append(model(inputs, input_types).hidden[picked])
                 labels.append(target[picked])
             else:                                                         # the [MASK] state predicts the last item
                 inputs, input_types = query_inputs(batch[:, :-1], batch_types[:, :-1], config.kind, config.mask_index)
@@ -208,14 +214,13 @@ def place_untrained_items(model: SeqRecModel, rows: np.ndarray, row_types: np.nd
                 states.append(model.user_vectors(inputs, input_types)[keep])
                 labels.append(batch[:, -1][keep])
         states, labels = torch.cat(states).float(), torch.cat(labels)
-    keep = ~torch.from_numpy(untrained)[labels]
+    keep = ~excluded[labels]
     states, labels = states[keep], labels[keep]
     if len(labels) == 0:
         return {"items": 0}
     if len(labels) > max_examples:
         pick = torch.randperm(len(labels), generator=generator)[:max_examples]
         states, labels = states[pick], labels[pick]
-    excluded = torch.from_numpy(untrained.copy())                        # padding and untrained: no column
     projection = torch.nn.Linear(config.text_dim, config.hidden_size)
     with torch.no_grad():
         projection.weight.copy_(model.text_projection.weight)
@@ -241,9 +246,8 @@ def place_untrained_items(model: SeqRecModel, rows: np.ndarray, row_types: np.nd
             optimizer.step()
     with torch.no_grad():
         after = float(loss_of(probe, probe_placed))
-        placed = projection(text[cold])
-        own_text = model.text_projection(model.text_features[:num][cold])
-        model.item_embedding.weight[:num][cold] = (placed - own_text).to(model.item_embedding.weight.dtype)
+        placed = projection(text[cold]) - model.text_projection(text[cold])
+        model.item_embedding.weight[:num][cold] = placed.to(model.item_embedding.weight.dtype)
     return {"items": int(cold.sum()), "examples": len(labels), "loss_before": before, "loss_after": after}
 
 
@@ -257,8 +261,7 @@ def training_step_loss(model: torch.nn.Module, core: SeqRecModel, items: torch.T
     """
     config = core.config
     if config.kind == "causal":
-        inputs, input_types, labels = items[:, :-1], types[:, :-1], items[:, 1:].clone()   # (B, T)
-        labels[inputs == 0] = 0           # the first event has no context to predict it from
+        inputs, input_types, labels = next_item_pairs(items, types)                        # (B, T)
     else:
         inputs, input_types = items[:, 1:].clone(), types[:, 1:].clone()
         real = inputs != 0

@@ -295,4 +295,3 @@ def test_scoring_reader_module_needs_no_torch():
             "heavy = sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules); print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-
