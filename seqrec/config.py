@@ -65,6 +65,10 @@ class TrainConfig:
     # projection of their text fitted to rank like trained items ("learned", see
     # seqrec.train.place_untrained_items), or by the model's text projection alone ("text").
     cold_items: str = "learned"
+    # all: a history longer than model.max_len is cut into windows that are all trained on (every
+    # next-item pair once); newest: only its newest max_len items, as SASRec's reference code does.
+    # Matters only where prepare.max_len keeps more than model.max_len.
+    windows: str = "all"
     patience: int = 3                      # early stopping on validation NDCG@10
     eval_every: int = 1                    # validate every N epochs (patience counts validations)
     mixed_precision: str = "auto"          # auto: bf16 on CUDA and on CPUs with native bf16; else no

@@ -127,8 +127,32 @@ class EncodedBatch:
     lengths: np.ndarray        # (B,) usable events per user (known items)
 
 
-def encode(batch: pa.Table, vocab: Vocabulary, width: int, drop_last: int = 0) -> EncodedBatch:
-    """Sequences -> left-padded index arrays of ``width`` columns, unknown items removed."""
+def window_index(offsets: np.ndarray, width: int, drop_last: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Cut each ragged row into windows of at most ``width`` values, newest window first.
+
+    Consecutive windows share one value (a window's oldest value is the next one's newest), so every
+    adjacent pair of a row lies in exactly one window: training on all windows uses every next-item
+    transition of a history longer than the model's context once. ``drop_last`` newest values of
+    each row are removed first. Returns (gather index into the values, offsets of the windows).
+    """
+    lengths = np.maximum(np.diff(offsets) - drop_last, 0)
+    step = max(width - 1, 1)
+    count = np.where(lengths > 0, np.maximum(1, -(-(lengths - 1) // step)), 0)
+    nth = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)       # 0 = newest window
+    end = np.repeat(lengths, count) - nth * step
+    start = np.maximum(end - width, 0)
+    n = end - start
+    window_offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+    index = np.repeat(np.repeat(offsets[:-1], count) + start, n) + (np.arange(n.sum()) - np.repeat(window_offsets[:-1], n))
+    return index, window_offsets
+
+
+def encode(batch: pa.Table, vocab: Vocabulary, width: int, drop_last: int = 0, windows: bool = False) -> EncodedBatch:
+    """Sequences -> left-padded index arrays of ``width`` columns, unknown items removed.
+
+    One row per sequence holding its newest ``width`` items; with ``windows`` a history longer than
+    ``width`` gives several rows (:func:`window_index`), so none of it is lost to training.
+    """
     flat_items, offsets = list_parts(batch["item_ids"])
     items = vocab.lookup(flat_items)
     keep = items > 0
@@ -137,6 +161,17 @@ def encode(batch: pa.Table, vocab: Vocabulary, width: int, drop_last: int = 0) -
         types = vocab.lookup_event_types(flat_types)
     else:
         types = np.zeros_like(items)
+    if windows:
+        running = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+        offsets = running[offsets]                                  # offsets among the kept values
+        items, types = items[keep], types[keep]
+        index, offsets = window_index(offsets, width, drop_last)
+        items, types, keep, drop_last = items[index], types[index], None, 0
     item_rows = left_pad(items, offsets, width, drop_last, keep)
     type_rows = left_pad(types, offsets, width, drop_last, keep)
     return EncodedBatch(items=item_rows, event_types=type_rows, lengths=(item_rows > 0).sum(1))
+
+
+def longest(sequences: pa.Table) -> int:
+    """Length of the longest ``item_ids`` list (0 for no rows)."""
+    return int(pc.max(pc.list_value_length(sequences["item_ids"])).as_py() or 0)

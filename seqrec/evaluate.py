@@ -17,10 +17,10 @@ import pyarrow as pa
 import torch
 
 from seqrec.config import EvalConfig
-from seqrec.data import Vocabulary, encode
+from seqrec.data import Vocabulary, longest
 from seqrec.model import SeqRecModel
 from seqrec.ranking import rank_unseen, ranking_metrics
-from seqrec.train import evaluate_batches, means
+from seqrec.train import evaluate_batches, evaluation_rows, means
 
 log = logging.getLogger("seqrec.evaluate")
 
@@ -30,17 +30,17 @@ PROTOCOL = ("leave-one-out: last item = test, second-to-last = validation; full-
 
 def split_batches(sequences: pa.Table, vocab: Vocabulary, width: int, holdout: int, batch_size: int,
                   max_users: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of {items, event_types}: ``width`` history columns + the target in the last column.
+    """Batches of {items, event_types, seen}: ``width`` history columns + the target in the last
+    column, and the user's whole history before the target (:func:`seqrec.train.evaluation_rows`).
 
     holdout=1: validation (the second-to-last item is the target); holdout=0: test.
     """
     rows = sequences.num_rows if not max_users else min(max_users, sequences.num_rows)
     for start in range(0, rows, batch_size):
         batch = sequences.slice(start, min(batch_size, rows - start))
-        enc = encode(batch, vocab, width + 1, drop_last=holdout)
-        keep = enc.lengths >= 2
-        if keep.any():
-            yield {"items": torch.from_numpy(enc.items[keep]), "event_types": torch.from_numpy(enc.event_types[keep])}
+        out = evaluation_rows(batch, vocab, width, holdout, seen_width=max(longest(batch) - holdout, 1))
+        if len(out["items"]):
+            yield {key: torch.from_numpy(value).long() for key, value in out.items()}
 
 
 def popularity_metrics(batches: Iterator[dict[str, torch.Tensor]], vocab: Vocabulary, ks: list[int]) -> dict[str, float]:
@@ -48,8 +48,7 @@ def popularity_metrics(batches: Iterator[dict[str, torch.Tensor]], vocab: Vocabu
     totals: dict[str, float] = {"users": 0.0}
     for batch in batches:
         items = batch["items"]
-        targets, history = items[:, -1], items[:, :-1]
-        ranked = rank_unseen(torch.ones(len(items), 1), scores, history, k=max(ks), targets=targets)
+        ranked = rank_unseen(torch.ones(len(items), 1), scores, batch["seen"], k=max(ks), targets=items[:, -1])
         for key, value in ranking_metrics(ranked.target_rank, ks).items():
             totals[key] = totals.get(key, 0.0) + value
         totals["users"] += len(items)

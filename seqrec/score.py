@@ -25,7 +25,7 @@ import torch
 
 from seqrec import artifact as artifacts
 from seqrec.config import ScoreConfig
-from seqrec.data import Vocabulary, encode
+from seqrec.data import Vocabulary, encode, longest
 from seqrec.publish import publish_partition
 from seqrec.ranking import rank_unseen
 from seqrec.model import query_inputs
@@ -99,21 +99,23 @@ class Recommender:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         config = self.model.config
-        enc = encode(batch, self.vocab, config.max_len)
-        history = torch.from_numpy(enc.items).to(self.device)
-        types = torch.from_numpy(enc.event_types).to(self.device)
+        # The whole stored history is excluded; the model reads its newest max_len items.
+        enc = encode(batch, self.vocab, max(config.max_len, longest(batch)))
+        seen = torch.from_numpy(enc.items).to(self.device)
+        history = seen[:, -config.max_len:]
+        types = torch.from_numpy(enc.event_types[:, -config.max_len:]).to(self.device)
         has_history = torch.from_numpy(enc.lengths > 0).to(self.device)
         inputs, input_types = query_inputs(history, types, config.kind, config.mask_index)
         rows = CPU_FORWARD_ROWS if self.device.type == "cpu" else max(len(inputs), 1)
         with torch.inference_mode():
             queries = torch.cat([self.model.user_vectors(inputs[i:i + rows], input_types[i:i + rows])
                                  for i in range(0, max(len(inputs), 1), rows)]).to(self.items.dtype)
-        ranked = rank_unseen(queries, self.items, history, self.k, excluded=self.excluded, chunk_size=self.item_chunk)
+        ranked = rank_unseen(queries, self.items, seen, self.k, excluded=self.excluded, chunk_size=self.item_chunk)
         scores, indices = ranked.scores, ranked.indices
         if not bool(has_history.all()):
             cold = ~has_history
             fallback = rank_unseen(torch.ones(int(cold.sum()), 1, device=self.device), self.popularity[:, None],
-                                   history[cold], self.k, excluded=self.excluded)
+                                   seen[cold], self.k, excluded=self.excluded)
             scores, indices = scores.clone(), indices.clone()
             scores[cold], indices[cold] = fallback.scores.to(scores.dtype), fallback.indices
         items, item_scores = self._finish(scores, indices)

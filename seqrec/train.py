@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from seqrec.artifact import Artifact
 from seqrec.config import ModelConfig, PrepareConfig, TrainConfig
-from seqrec.data import Vocabulary, encode, list_parts
+from seqrec.data import Vocabulary, encode, list_parts, longest
 from seqrec.losses import item_loss
 from seqrec.model import SeqRecConfig, SeqRecModel, query_inputs
 from seqrec.ranking import rank_unseen, ranking_metrics
@@ -60,31 +60,52 @@ class EncodeSplit:
     """Ray Data batch function: sequences -> fixed-width index arrays for one split.
 
     ``holdout`` newest items are removed first (2 for training, 1 for validation). Training rows
-    have ``width + 1`` columns (inputs and shifted labels); evaluation rows have ``width`` input
-    columns plus the target, which is the newest remaining item.
+    have ``width + 1`` columns (inputs and shifted labels); with ``windows`` a longer history gives
+    one row per window (:func:`seqrec.data.window_index`). Evaluation rows (``seen_width`` set) have
+    ``width`` input columns plus the target, which is the newest remaining item, and ``seen``: the
+    whole history before the target (``seen_width`` columns), which ranking excludes.
     """
 
-    def __init__(self, vocab: Vocabulary, width: int, holdout: int, min_len: int = 2):
+    def __init__(self, vocab: Vocabulary, width: int, holdout: int, min_len: int = 2, windows: bool = False,
+                 seen_width: int = 0):
         self.vocab, self.width, self.holdout, self.min_len = vocab, width, holdout, min_len
+        self.windows, self.seen_width = windows, seen_width
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        enc = encode(batch, self.vocab, self.width + 1, drop_last=self.holdout)
+        if self.seen_width:
+            return evaluation_rows(batch, self.vocab, self.width, self.holdout, self.seen_width)
+        enc = encode(batch, self.vocab, self.width + 1, drop_last=self.holdout, windows=self.windows)
         keep = enc.lengths >= self.min_len
         return {"items": enc.items[keep], "event_types": enc.event_types[keep]}
 
 
+def evaluation_rows(batch: pa.Table, vocab: Vocabulary, width: int, holdout: int, seen_width: int) -> dict[str, np.ndarray]:
+    """Leave-one-out rows of users with at least one item before the target.
+
+    items/event_types: the newest ``width`` items before the target, then the target (last column);
+    seen: every item before the target (the newest ``seen_width``), excluded from the ranking as in
+    the literature, even where the history is longer than the model's context.
+    """
+    full = encode(batch, vocab, max(seen_width, width) + 1, drop_last=holdout)
+    keep = full.lengths >= 2
+    return {"items": full.items[keep, -(width + 1):], "event_types": full.event_types[keep, -(width + 1):],
+            "seen": full.items[keep, :-1].astype(np.int32)}
+
+
 def item_counts(sequences: pa.Table, vocab: Vocabulary, holdout: int = 2) -> np.ndarray:
     """Interactions per vocabulary index in the training part (for popularity and log-q)."""
-    enc = encode(sequences.select(["item_ids"]), vocab, width=int(pc.max(pc.list_value_length(sequences["item_ids"])).as_py() or 1),
-                 drop_last=holdout)
+    enc = encode(sequences.select(["item_ids"]), vocab, width=max(longest(sequences), 1), drop_last=holdout)
     return np.bincount(enc.items.ravel(), minlength=vocab.num_items + 1).astype(np.int64)
 
 
-def make_datasets(sequences: pa.Table, vocab: Vocabulary, max_len: int, num_workers: int) -> dict[str, ray.data.Dataset]:
+def make_datasets(sequences: pa.Table, vocab: Vocabulary, max_len: int, num_workers: int,
+                  windows: bool = False) -> dict[str, ray.data.Dataset]:
     source = ray.data.from_arrow(sequences.select(["item_ids", "event_types"]))
     blocks = max(num_workers * 2, 2)
-    train = source.map_batches(EncodeSplit(vocab, max_len, holdout=2), batch_format="pyarrow", batch_size=4096)
-    val = source.map_batches(EncodeSplit(vocab, max_len, holdout=1), batch_format="pyarrow", batch_size=4096)
+    train = source.map_batches(EncodeSplit(vocab, max_len, holdout=2, windows=windows), batch_format="pyarrow",
+                               batch_size=4096)
+    val = source.map_batches(EncodeSplit(vocab, max_len, holdout=1, seen_width=max(longest(sequences) - 1, 1)),
+                             batch_format="pyarrow", batch_size=4096)
     return {"train": train.repartition(blocks).materialize(), "val": val.repartition(blocks).materialize()}
 
 
@@ -283,7 +304,9 @@ def training_step_loss(model: torch.nn.Module, core: SeqRecModel, items: torch.T
 
 def evaluate_batches(model: SeqRecModel, batches, ks: list[int], device: torch.device,
                      bf16: bool = False) -> dict[str, float]:
-    """Sums of leave-one-out metrics over batches of {items, event_types} (last column = target).
+    """Sums of leave-one-out metrics over batches of {items, event_types, seen} (last column = target).
+
+    ``seen`` (the whole history, excluded from the ranking) defaults to the input columns.
 
     ``bf16`` runs the sequence encoder under bf16 autocast; ranking is always float32 so that
     near-ties are not decided by rounding.
@@ -301,7 +324,8 @@ def evaluate_batches(model: SeqRecModel, batches, ks: list[int], device: torch.d
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 queries = model.user_vectors(inputs, input_types)
             queries = queries.float()
-            ranked = rank_unseen(queries, table, history, k=max(ks), excluded=excluded, targets=targets)
+            seen = batch["seen"].to(device) if "seen" in batch else history
+            ranked = rank_unseen(queries, table, seen, k=max(ks), excluded=excluded, targets=targets)
             for key, value in ranking_metrics(ranked.target_rank, ks).items():
                 totals[key] = totals.get(key, 0.0) + value
             totals["users"] += len(targets)
@@ -476,12 +500,15 @@ def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, t
 
     if train_config.cold_items not in ("learned", "text"):
         raise ValueError(f"train.cold_items must be 'learned' or 'text', got {train_config.cold_items!r}")
+    if train_config.windows not in ("all", "newest"):
+        raise ValueError(f"train.windows must be 'all' or 'newest', got {train_config.windows!r}")
     started = time.perf_counter()
     vocab = build_vocabulary(sequences, prepare_config, parent if train_config.warm_start else None)
     vocab.counts = item_counts(sequences, vocab)
     text_features = text_features_fn(vocab) if text_features_fn else None
     model = initial_model(vocab, model_config, parent if train_config.warm_start else None, text_features)
-    datasets = make_datasets(sequences, vocab, model_config.max_len, train_config.num_workers)
+    datasets = make_datasets(sequences, vocab, model_config.max_len, train_config.num_workers,
+                             windows=train_config.windows == "all")
     train_rows = datasets["train"].count()
     if train_rows == 0:
         raise ValueError("no user has enough history to train on (need at least 4 known items: 2 to learn from, "
@@ -507,7 +534,7 @@ def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, t
         ),
         datasets=datasets,
     )
-    log.info("training %s model: %d users, %d items, %d workers, up to %d epochs -> run %s",
+    log.info("training %s model: %d rows, %d items, %d workers, up to %d epochs -> run %s",
              model_config.kind, train_rows, vocab.num_items, train_config.num_workers, train_config.epochs,
              storage.uri("runs", run_name))
     result = trainer.fit()

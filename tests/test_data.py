@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from seqrec.data import Vocabulary, encode, left_pad, list_parts
+from seqrec.data import Vocabulary, encode, left_pad, list_parts, window_index
 
 TYPES = ["view", "click", "cart"]
 
@@ -174,6 +174,32 @@ def test_encode_without_event_types_and_sliced_batch():
     np.testing.assert_array_equal(enc.items, [[3, 1], [0, 3]])
     np.testing.assert_array_equal(enc.event_types, [[0, 0], [0, 0]])
     np.testing.assert_array_equal(enc.lengths, [2, 1])
+
+
+def adjacent_pairs(rows) -> list[tuple[int, int]]:
+    return [(a, b) for row in rows for a, b in zip(row[:-1], row[1:])]
+
+
+def test_windows_cover_every_next_item_pair_exactly_once():
+    rng = np.random.default_rng(1)
+    rows = [list(rng.integers(1, 1000, rng.integers(0, 40))) for _ in range(60)]
+    values, offsets = ragged(rows)
+    for width in (2, 3, 7, 41):
+        for drop_last in (0, 2):
+            index, window_offsets = window_index(offsets, width, drop_last)
+            windows = [list(values[index[a:b]]) for a, b in zip(window_offsets[:-1], window_offsets[1:])]
+            assert all(1 <= len(w) <= width for w in windows)
+            kept = [row[:max(len(row) - drop_last, 0)] for row in rows]
+            assert sorted(adjacent_pairs(windows)) == sorted(adjacent_pairs(kept))
+            assert len(windows) == sum(max(1, -(-(len(r) - 1) // (width - 1))) for r in kept if r)  # fewest
+
+
+def test_encode_windows_newest_first_after_unknown_items_and_holdout():
+    vocab = Vocabulary.build(pa.array(list(range(1, 10))), TYPES)
+    batch = pa.table({"item_ids": pa.array([[1, 2, 99, 3, 4, 5, 6, 7], [], [8], [1, 2, 3]], pa.list_(pa.int64()))})
+    enc = encode(batch, vocab, width=3, drop_last=1, windows=True)
+    np.testing.assert_array_equal(enc.items, [[4, 5, 6], [2, 3, 4], [0, 1, 2], [0, 1, 2]])
+    np.testing.assert_array_equal(encode(batch, vocab, width=3, drop_last=1).items[0], [4, 5, 6])
 
 
 @pytest.mark.parametrize("items, values, expected", [
