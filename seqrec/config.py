@@ -53,8 +53,10 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"          # constant | cosine: after warmup, decay to 0 over train.epochs
     loss: str = "ce"                       # ce | sampled (log-q corrected) | gbce
     num_negatives: int = 256               # for sampled / gbce
+    negatives: str = "popularity"          # sampled: drawn by popularity (log-q corrected) | uniform
     gbce_t: float = 0.75
     mask_prob: float = 0.2                 # bidirectional model: share of positions masked
     # Text-aware models: share of items whose id embedding is dropped at each step (input and

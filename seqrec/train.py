@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -378,6 +379,16 @@ def resolve_mixed_precision(train: TrainConfig) -> str:
     return "bf16" if cpu_has_fast_bf16() else "no"
 
 
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Learning-rate multiplier: linear warmup, then constant or a cosine decay reaching 0 at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from accelerate import Accelerator
 
@@ -395,14 +406,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     model = SeqRecModel(SeqRecConfig(**loop["model_config"]))
     model.load_state_dict(ray.get(loop["initial_state"]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.98))
-    warmup = train.warmup_steps
-
-    def lr_lambda(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        return 1.0
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     start_epoch, best, best_epoch, history = 0, -1.0, -1, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -415,11 +418,18 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         log.info("rank %d resumed from epoch %d", rank, state["epoch"])
     else:
         best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    per_worker_batch = max(1, train.batch_size // world)
+    steps_per_epoch = -(-loop["train_rows"] // (per_worker_batch * world))
+    done = start_epoch * steps_per_epoch                              # a restored run resumes its schedule
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        done + step, train.warmup_steps, train.epochs * steps_per_epoch, train.lr_schedule))
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
     log_q = None
     if train.loss == "sampled":
         counts = torch.tensor(loop["item_counts"], dtype=torch.float64) + 1.0
+        if train.negatives == "uniform":                 # a constant log-q: the correction cancels
+            counts = torch.ones_like(counts)
         counts[0] = 0.0
         log_q = (counts / counts.sum()).log().float().to(device)
     excluded = None
@@ -428,7 +438,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    per_worker_batch = max(1, train.batch_size // world)
     patience_left = train.patience
     for epoch in range(start_epoch, train.epochs):
         model.train()
@@ -500,6 +509,10 @@ def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, t
 
     if train_config.cold_items not in ("learned", "text"):
         raise ValueError(f"train.cold_items must be 'learned' or 'text', got {train_config.cold_items!r}")
+    if train_config.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"train.lr_schedule must be 'constant' or 'cosine', got {train_config.lr_schedule!r}")
+    if train_config.negatives not in ("popularity", "uniform"):
+        raise ValueError(f"train.negatives must be 'popularity' or 'uniform', got {train_config.negatives!r}")
     if train_config.windows not in ("all", "newest"):
         raise ValueError(f"train.windows must be 'all' or 'newest', got {train_config.windows!r}")
     started = time.perf_counter()

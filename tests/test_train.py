@@ -1,14 +1,15 @@
-"""Warm starts: the vocabulary grows, known items keep their rows, new ones start from text."""
+"""Warm starts (the vocabulary grows, known items keep their rows, new ones start from text); the schedule."""
 
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 import torch
 
 from seqrec.artifact import Artifact
 from seqrec.config import ModelConfig
 from seqrec.data import Vocabulary
-from seqrec.train import initial_model
+from seqrec.train import initial_model, lr_factor
 
 MODEL = ModelConfig(hidden_size=16, num_layers=1, num_heads=1, max_len=8, dropout=0.0)
 
@@ -89,3 +90,11 @@ def test_only_items_without_an_id_row_are_placed_from_text():
     grown.counts = np.array([0, 3, 0, 1, 0])                          # 20 quiet tonight, 40 new
     model = initial_model(grown, MODEL, parent, torch.randn(grown.num_items + 2, 8))
     assert without_id_rows(model, grown.counts).tolist() == [True, False, False, False, True]
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_on_a_cosine():
+    factors = [lr_factor(step, warmup=2, total=10, schedule="cosine") for step in range(12)]
+    assert factors[:2] == [0.5, 1.0]
+    assert factors[2] == 1.0 and factors[6] == pytest.approx(0.5) and factors[10:] == [0.0, 0.0]
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))                      # never rises again
+    assert [lr_factor(step, 2, 10, "constant") for step in (0, 5, 50)] == [0.5, 1.0, 1.0]
