@@ -144,10 +144,15 @@ def test_first_epoch_reaching_target():
 def test_quality_smoke(ray_shared, tiny_dataset, tmp_path):
     out = tmp_path / "quality.json"
     events, titles = tiny_dataset
+    # Whole histories longer than the model's 20 (several training windows), the sampled loss with
+    # uniform negatives, the cosine schedule: the Beauty benchmark's paths.
     assert quality.main(["--smoke", "--data", str(events), "--format", "sasrec", "--titles", str(titles),
-                         "--set", "train.epochs=1", "--out", str(out)]) == 0
+                         "--set", "train.epochs=1", "--set", "prepare.max_len=500", "--set", "train.loss=sampled",
+                         "--set", "train.negatives=uniform", "--set", "train.lr_schedule=cosine",
+                         "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     assert payload["dataset"]["name"] == "tiny"
+    assert payload["config"]["prepare"]["max_len"] == 500 and payload["config"]["train"]["negatives"] == "uniform"
     rows = {r["model"]: r for r in payload["rows"]}
     assert "popularity" in rows and len(rows) == 2
     for row in rows.values():
