@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -53,10 +53,10 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    lr_schedule: str = "constant"          # constant | cosine: after warmup, decay to 0 over train.epochs
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: after warmup, decay to 0 over train.epochs
     loss: str = "ce"                       # ce | sampled (log-q corrected) | gbce
     num_negatives: int = 256               # for sampled / gbce
-    negatives: str = "popularity"          # sampled: drawn by popularity (log-q corrected) | uniform
+    negatives: Literal["popularity", "uniform"] = "popularity"  # for sampled; popularity is log-q corrected
     gbce_t: float = 0.75
     mask_prob: float = 0.2                 # bidirectional model: share of positions masked
     # Text-aware models: share of items whose id embedding is dropped at each step (input and
@@ -66,11 +66,11 @@ class TrainConfig:
     # Text-aware models, after training: items with no training interaction are represented by a
     # projection of their text fitted to rank like trained items ("learned", see
     # seqrec.train.place_untrained_items), or by the model's text projection alone ("text").
-    cold_items: str = "learned"
+    cold_items: Literal["learned", "text"] = "learned"
     # all: a history longer than model.max_len is cut into windows that are all trained on (every
     # next-item pair once); newest: only its newest max_len items, as SASRec's reference code does.
     # Matters only where prepare.max_len keeps more than model.max_len.
-    windows: str = "all"
+    windows: Literal["all", "newest"] = "all"
     patience: int = 3                      # early stopping on validation NDCG@10
     eval_every: int = 1                    # validate every N epochs (patience counts validations)
     mixed_precision: str = "auto"          # auto: bf16 on CUDA and on CPUs with native bf16; else no
@@ -119,7 +119,23 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def _check_choice(value: Any, typ: Any, where: str) -> None:
+    if get_origin(typ) is Literal and value not in get_args(typ):
+        raise ValueError(f"config {where} must be one of {list(get_args(typ))}, got {value!r}")
+
+
+def check_choices(section: Any, name: str) -> None:
+    """Refuse a ``Literal`` field outside its choices in a section built in code (files and
+    overrides are checked as they are read)."""
+    hints = get_type_hints(type(section))
+    for f in fields(section):
+        _check_choice(getattr(section, f.name), hints[f.name], f"{name}.{f.name}")
+
+
 def _coerce(value: Any, typ: Any, where: str) -> Any:
+    if get_origin(typ) is Literal:
+        _check_choice(value, typ, where)
+        return value
     if isinstance(value, str) and typ is not str:
         value = yaml.safe_load(value)  # "3" -> 3, "[10, 20]" -> [10, 20], "null" -> None
     origin = getattr(typ, "__origin__", None)

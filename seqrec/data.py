@@ -97,6 +97,12 @@ def list_parts(column: pa.ChunkedArray | pa.ListArray) -> tuple[pa.Array, np.nda
     return flat, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
+def kept(values: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ragged rows (values, offsets) with only the values where ``keep`` is True."""
+    running = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+    return values[keep], running[offsets]
+
+
 def left_pad(values: np.ndarray, offsets: np.ndarray, width: int, drop_last: int = 0,
              keep: np.ndarray | None = None) -> np.ndarray:
     """Rows of a ragged array -> (B, width), right-aligned, zero-padded, newest ``width`` kept.
@@ -105,10 +111,7 @@ def left_pad(values: np.ndarray, offsets: np.ndarray, width: int, drop_last: int
     ``keep`` (bool over values) filters values first, e.g. unknown items.
     """
     if keep is not None:
-        running = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
-        kept_per_row = running[offsets[1:]] - running[offsets[:-1]]
-        values = values[keep]
-        offsets = np.concatenate([[0], np.cumsum(kept_per_row)])
+        values, offsets = kept(values, offsets, keep)
     lengths = np.maximum(np.diff(offsets) - drop_last, 0)
     ends = offsets[:-1] + lengths
     n = np.minimum(lengths, width)
@@ -162,9 +165,8 @@ def encode(batch: pa.Table, vocab: Vocabulary, width: int, drop_last: int = 0, w
     else:
         types = np.zeros_like(items)
     if windows:
-        running = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
-        offsets = running[offsets]                                  # offsets among the kept values
-        items, types = items[keep], types[keep]
+        items, kept_offsets = kept(items, offsets, keep)
+        types, offsets = types[keep], kept_offsets
         index, offsets = window_index(offsets, width, drop_last)
         items, types, keep, drop_last = items[index], types[index], None, 0
     item_rows = left_pad(items, offsets, width, drop_last, keep)

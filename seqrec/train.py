@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from seqrec.artifact import Artifact
-from seqrec.config import ModelConfig, PrepareConfig, TrainConfig
+from seqrec.config import ModelConfig, PrepareConfig, TrainConfig, check_choices
 from seqrec.data import Vocabulary, encode, list_parts, longest
 from seqrec.losses import item_loss
 from seqrec.model import SeqRecConfig, SeqRecModel, query_inputs
@@ -58,23 +58,17 @@ class TrainResult:
 # Data for the workers
 # --------------------------------------------------------------------------------------------
 class EncodeSplit:
-    """Ray Data batch function: sequences -> fixed-width index arrays for one split.
+    """Ray Data batch function: sequences -> fixed-width training rows.
 
-    ``holdout`` newest items are removed first (2 for training, 1 for validation). Training rows
-    have ``width + 1`` columns (inputs and shifted labels); with ``windows`` a longer history gives
-    one row per window (:func:`seqrec.data.window_index`). Evaluation rows (``seen_width`` set) have
-    ``width`` input columns plus the target, which is the newest remaining item, and ``seen``: the
-    whole history before the target (``seen_width`` columns), which ranking excludes.
+    ``holdout`` newest items are removed first (2 for training). Rows have ``width + 1`` columns
+    (inputs and shifted labels); with ``windows`` a longer history gives one row per window
+    (:func:`seqrec.data.window_index`). Validation rows come from :func:`evaluation_rows`.
     """
 
-    def __init__(self, vocab: Vocabulary, width: int, holdout: int, min_len: int = 2, windows: bool = False,
-                 seen_width: int = 0):
-        self.vocab, self.width, self.holdout, self.min_len = vocab, width, holdout, min_len
-        self.windows, self.seen_width = windows, seen_width
+    def __init__(self, vocab: Vocabulary, width: int, holdout: int, min_len: int = 2, windows: bool = False):
+        self.vocab, self.width, self.holdout, self.min_len, self.windows = vocab, width, holdout, min_len, windows
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        if self.seen_width:
-            return evaluation_rows(batch, self.vocab, self.width, self.holdout, self.seen_width)
         enc = encode(batch, self.vocab, self.width + 1, drop_last=self.holdout, windows=self.windows)
         keep = enc.lengths >= self.min_len
         return {"items": enc.items[keep], "event_types": enc.event_types[keep]}
@@ -105,7 +99,8 @@ def make_datasets(sequences: pa.Table, vocab: Vocabulary, max_len: int, num_work
     blocks = max(num_workers * 2, 2)
     train = source.map_batches(EncodeSplit(vocab, max_len, holdout=2, windows=windows), batch_format="pyarrow",
                                batch_size=4096)
-    val = source.map_batches(EncodeSplit(vocab, max_len, holdout=1, seen_width=max(longest(sequences) - 1, 1)),
+    val = source.map_batches(evaluation_rows, fn_kwargs={"vocab": vocab, "width": max_len, "holdout": 1,
+                                                         "seen_width": max(longest(sequences) - 1, 1)},
                              batch_format="pyarrow", batch_size=4096)
     return {"train": train.repartition(blocks).materialize(), "val": val.repartition(blocks).materialize()}
 
@@ -307,7 +302,7 @@ def evaluate_batches(model: SeqRecModel, batches, ks: list[int], device: torch.d
                      bf16: bool = False) -> dict[str, float]:
     """Sums of leave-one-out metrics over batches of {items, event_types, seen} (last column = target).
 
-    ``seen`` (the whole history, excluded from the ranking) defaults to the input columns.
+    ``seen`` is the whole history, excluded from the ranking (:func:`evaluation_rows`).
 
     ``bf16`` runs the sequence encoder under bf16 autocast; ranking is always float32 so that
     near-ties are not decided by rounding.
@@ -325,8 +320,7 @@ def evaluate_batches(model: SeqRecModel, batches, ks: list[int], device: torch.d
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 queries = model.user_vectors(inputs, input_types)
             queries = queries.float()
-            seen = batch["seen"].to(device) if "seen" in batch else history
-            ranked = rank_unseen(queries, table, seen, k=max(ks), excluded=excluded, targets=targets)
+            ranked = rank_unseen(queries, table, batch["seen"].to(device), k=max(ks), excluded=excluded, targets=targets)
             for key, value in ranking_metrics(ranked.target_rank, ks).items():
                 totals[key] = totals.get(key, 0.0) + value
             totals["users"] += len(targets)
@@ -507,14 +501,7 @@ def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, t
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if train_config.cold_items not in ("learned", "text"):
-        raise ValueError(f"train.cold_items must be 'learned' or 'text', got {train_config.cold_items!r}")
-    if train_config.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"train.lr_schedule must be 'constant' or 'cosine', got {train_config.lr_schedule!r}")
-    if train_config.negatives not in ("popularity", "uniform"):
-        raise ValueError(f"train.negatives must be 'popularity' or 'uniform', got {train_config.negatives!r}")
-    if train_config.windows not in ("all", "newest"):
-        raise ValueError(f"train.windows must be 'all' or 'newest', got {train_config.windows!r}")
+    check_choices(train_config, "train")
     started = time.perf_counter()
     vocab = build_vocabulary(sequences, prepare_config, parent if train_config.warm_start else None)
     vocab.counts = item_counts(sequences, vocab)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from seqrec.config import Config, config_from_dict, config_json, load_config
+from seqrec.config import Config, TrainConfig, check_choices, config_from_dict, config_json, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -125,3 +125,17 @@ def test_repository_configs_load(path):
 
 def test_there_are_repository_configs():
     assert CONFIGS, "configs/*.yaml is empty"
+
+
+@pytest.mark.parametrize("override", ["train.windows=everything", "train.lr_schedule=linear",
+                                      "train.negatives=hard", "train.cold_items=null"])
+def test_a_value_outside_its_choices_is_refused_when_read(override):
+    with pytest.raises(ValueError, match=rf"config {override.split('=')[0]} must be one of"):
+        load_config(overrides=[override])
+
+
+def test_choices_are_kept_and_checked_for_configs_built_in_code():
+    assert load_config(overrides=["train.windows=newest", "train.lr_schedule=cosine"]).train.windows == "newest"
+    check_choices(TrainConfig(), "train")
+    with pytest.raises(ValueError, match=r"train.windows must be one of \['all', 'newest'\]"):
+        check_choices(TrainConfig(windows="some"), "train")

@@ -22,7 +22,7 @@ from seqrec.evaluate import evaluate, popularity_metrics, split_batches
 from seqrec.model import build_model
 from seqrec.score import Recommender
 from seqrec.storage import Storage
-from seqrec.train import EncodeSplit
+from seqrec.train import evaluation_rows
 
 NUM_ITEMS = 12
 WIDTH = 3          # the model's context: much shorter than the histories below
@@ -72,7 +72,7 @@ def test_model_evaluation_excludes_the_whole_history():
 
 def test_training_validation_rows_carry_the_whole_history():
     sequences = long_histories(users=4)
-    rows = EncodeSplit(vocabulary(), WIDTH, holdout=1, seen_width=NUM_ITEMS)(sequences)
+    rows = evaluation_rows(sequences, vocabulary(), WIDTH, holdout=1, seen_width=NUM_ITEMS)
     assert rows["items"].shape == (4, WIDTH + 1)
     for row, seen, items in zip(rows["items"], rows["seen"], sequences["item_ids"].to_pylist()):
         assert row[-1] == items[-2]                                        # validation target
