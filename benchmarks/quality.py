@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             run = train_and_evaluate(storage, sequences, config, "model", {"all": sequences})
             test = run["metrics"]["all"]["test"]
             label = f"{config.model.kind} h{config.model.hidden_size} L{config.model.num_layers}" + \
+                (f" x{config.model.members} ensemble" if config.model.members > 1 else "") + \
                 (f" +text:{config.model.text_encoder}" if config.model.text_encoder else "")
             rows.append(row_of(label, test["model"], len(run["result"].history), run["wall_s"],
                                best_epoch=run["result"].best_epoch, val_ndcg10=round(run["result"].best_val.get(

@@ -41,6 +41,9 @@ class ModelConfig:
     # Transformer do: with N(0, 0.02) init, the item signal then dominates the position signal.
     # Measured on ML-1M (benchmarks/training.py, 2 workers): val NDCG@10 0.120 after 7 epochs, 0.108 without.
     scale_embeddings: bool = True
+    # An ensemble of this many towers, each hidden_size wide and trained on its own loss, scored by
+    # the sum of their scores (see seqrec.model). Costs members x the compute of one model.
+    members: int = 1
 
 
 @dataclass

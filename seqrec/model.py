@@ -12,6 +12,13 @@ in SASRec and BERT4Rec: it halves the parameters and ties what an item means goi
 out). The item table is ``id embedding + projection(text embedding)`` when item text is given,
 which is what lets items unseen in training be scored.
 
+``members > 1`` makes the model an ensemble of that many towers trained side by side, each with
+its own ``hidden_size`` slice of the item table and its own backbone, and each with its own loss
+(see ``seqrec.train.training_step_loss``), so they learn as independently seeded models do. A
+user's vector and the item table are the members' concatenated, so one dot product is the *sum*
+of the members' scores: ranking, evaluation and scoring need nothing else. Summed logits rank as
+summed log-probabilities (each member's log-softmax only subtracts a per-user constant).
+
 Indices: row 0 is padding, rows ``1..num_items`` are items (the vocabulary's indices), row
 ``num_items + 1`` is ``[MASK]``.
 """
@@ -33,7 +40,7 @@ class SeqRecConfig(PretrainedConfig):
 
     def __init__(self, num_items: int = 1, kind: str = "causal", hidden_size: int = 64, num_layers: int = 2,
                  num_heads: int = 1, max_len: int = 200, dropout: float = 0.2, num_event_types: int = 0,
-                 text_dim: int = 0, scale_embeddings: bool = False, **kwargs):
+                 text_dim: int = 0, scale_embeddings: bool = False, members: int = 1, **kwargs):
         if kind not in KINDS:
             raise ValueError(f"model kind {kind!r} is not one of {KINDS}")
         self.num_items = num_items
@@ -46,7 +53,15 @@ class SeqRecConfig(PretrainedConfig):
         self.num_event_types = num_event_types
         self.text_dim = text_dim
         self.scale_embeddings = scale_embeddings
+        if members < 1:
+            raise ValueError(f"an ensemble needs at least 1 member, got members={members}")
+        self.members = members
         super().__init__(**kwargs)
+
+    @property
+    def width(self) -> int:
+        """Width of the item table and of user vectors: every member's ``hidden_size`` side by side."""
+        return self.hidden_size * self.members
 
     @property
     def mask_index(self) -> int:
@@ -80,7 +95,7 @@ class SeqRecModel(PreTrainedModel):
 
     def __init__(self, config: SeqRecConfig):
         super().__init__(config)
-        h = config.hidden_size
+        h = config.width
         self.item_embedding = nn.Embedding(config.num_items + 2, h, padding_idx=0)
         self.event_embedding = nn.Embedding(config.num_event_types + 1, h, padding_idx=0) \
             if config.num_event_types else None
@@ -94,14 +109,23 @@ class SeqRecModel(PreTrainedModel):
             self.text_projection = None
         backbone_config = config.backbone_config()
         backbone_config._attn_implementation = "sdpa"
-        if config.kind == "causal":
-            self.backbone = GPT2Model(backbone_config)
-        else:
-            self.backbone = BertModel(backbone_config, add_pooling_layer=False)
-        # The backbone's own token table is never used (items arrive as inputs_embeds); frozen, so
-        # DDP does not wait for gradients that never come.
-        self.backbone.get_input_embeddings().requires_grad_(False)
+
+        def make_backbone() -> PreTrainedModel:
+            if config.kind == "causal":
+                return GPT2Model(backbone_config)
+            return BertModel(backbone_config, add_pooling_layer=False)
+
+        # The first member's backbone keeps the name a single model has, so artifacts of either load alike.
+        self.backbone = make_backbone()
+        self.member_backbones = nn.ModuleList(make_backbone() for _ in range(config.members - 1))
+        for backbone in self.backbones():
+            # The backbone's own token table is never used (items arrive as inputs_embeds); frozen,
+            # so DDP does not wait for gradients that never come.
+            backbone.get_input_embeddings().requires_grad_(False)
         self.post_init()
+
+    def backbones(self) -> list[PreTrainedModel]:
+        return [self.backbone, *self.member_backbones]
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Embedding):
@@ -140,20 +164,22 @@ class SeqRecModel(PreTrainedModel):
             x = x + self.event_embedding(event_types)
         attention_mask = (item_ids != 0).long()
         # Both backbones add positions and apply embedding dropout to inputs_embeds themselves.
-        hidden = self.backbone(inputs_embeds=x, attention_mask=attention_mask).last_hidden_state
+        parts = x.split(self.config.hidden_size, dim=-1)                  # one slice per member
+        hidden = torch.cat([backbone(inputs_embeds=part, attention_mask=attention_mask).last_hidden_state
+                            for backbone, part in zip(self.backbones(), parts)], dim=-1)
         return SeqRecOutput(hidden=hidden)
 
     def user_vectors(self, item_ids: torch.Tensor, event_types: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, H) query vectors: the state of the last position (the newest event or [MASK])."""
+        """(B, width) query vectors: the state of the last position (the newest event or [MASK])."""
         return self.forward(item_ids, event_types).hidden[:, -1, :]
 
 
 def build_model(num_items: int, kind: str = "causal", hidden_size: int = 64, num_layers: int = 2,
                 num_heads: int = 1, max_len: int = 200, dropout: float = 0.2, num_event_types: int = 0,
-                text_dim: int = 0) -> SeqRecModel:
+                text_dim: int = 0, members: int = 1) -> SeqRecModel:
     return SeqRecModel(SeqRecConfig(num_items=num_items, kind=kind, hidden_size=hidden_size, num_layers=num_layers,
                                     num_heads=num_heads, max_len=max_len, dropout=dropout,
-                                    num_event_types=num_event_types, text_dim=text_dim))
+                                    num_event_types=num_event_types, text_dim=text_dim, members=members))
 
 
 def query_inputs(items: torch.Tensor, types: torch.Tensor, kind: str, mask_index: int) -> tuple[torch.Tensor, torch.Tensor]:

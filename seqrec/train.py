@@ -117,6 +117,7 @@ def initial_model(vocab: Vocabulary, config: ModelConfig, parent: Artifact | Non
         num_event_types=len(vocab.event_types) if config.use_event_types else 0,
         text_dim=0 if text_features is None else text_features.shape[1],
         event_types=vocab.event_types, text_encoder=config.text_encoder, scale_embeddings=config.scale_embeddings,
+        members=config.members,
     )
     model = SeqRecModel(model_config)
     if text_features is not None:
@@ -131,7 +132,8 @@ def initial_model(vocab: Vocabulary, config: ModelConfig, parent: Artifact | Non
     new = model.state_dict()
     compatible = all(old[k].shape == new[k].shape for k in new if k in old and "item_embedding" not in k
                      and "text_features" not in k)
-    same_inputs = getattr(parent.model.config, "scale_embeddings", False) == config.scale_embeddings
+    same_inputs = getattr(parent.model.config, "scale_embeddings", False) == config.scale_embeddings and \
+        getattr(parent.model.config, "members", 1) == config.members
     if parent.model.config.kind != config.kind or not compatible or not same_inputs:
         log.warning("promoted model %s has another architecture; training from scratch", parent.version)
         return model
@@ -238,7 +240,7 @@ def place_untrained_items(model: SeqRecModel, rows: np.ndarray, row_types: np.nd
     if len(labels) > max_examples:
         pick = torch.randperm(len(labels), generator=generator)[:max_examples]
         states, labels = states[pick], labels[pick]
-    projection = torch.nn.Linear(config.text_dim, config.hidden_size)
+    projection = torch.nn.Linear(config.text_dim, config.width)
     with torch.no_grad():
         projection.weight.copy_(model.text_projection.weight)
         projection.bias.zero_()
@@ -291,11 +293,15 @@ def training_step_loss(model: torch.nn.Module, core: SeqRecModel, items: torch.T
     if config.text_dim and train.id_dropout > 0:
         keep_ids = (torch.rand(config.num_items + 2, device=items.device) >= train.id_dropout).float()
         keep_ids[-1] = 1.0                                          # [MASK] has no text to fall back on
-    hidden = model(inputs, input_types, keep_ids=keep_ids).hidden  # (B, T, H)
+    hidden = model(inputs, input_types, keep_ids=keep_ids).hidden  # (B, T, width)
     picked = labels != 0
-    table = core.item_table(keep_ids)[: config.num_items + 1]      # (N+1, H) without [MASK]
-    return item_loss(train.loss, hidden[picked], labels[picked], table, log_q=log_q,
-                     num_negatives=train.num_negatives, gbce_t=train.gbce_t, excluded=excluded)
+    table = core.item_table(keep_ids)[: config.num_items + 1]      # (N+1, width) without [MASK]
+    # Each ensemble member is trained on its own loss (its own slice of states and items), as a
+    # separately trained model would be; a loss of the summed scores would train one wide model.
+    return sum(item_loss(train.loss, states, labels[picked], items, log_q=log_q, num_negatives=train.num_negatives,
+                         gbce_t=train.gbce_t, excluded=excluded)
+               for states, items in zip(hidden[picked].split(config.hidden_size, dim=-1),
+                                        table.split(config.hidden_size, dim=-1)))
 
 
 def evaluate_batches(model: SeqRecModel, batches, ks: list[int], device: torch.device,

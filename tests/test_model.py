@@ -178,6 +178,61 @@ def test_training_step_reduces_the_loss(kind, loss):
         assert after < 0.5 * before, (before, after)
 
 
+def member(ensemble: SeqRecModel, m: int) -> SeqRecModel:
+    """Member ``m`` of an ensemble as a model of its own (its slices of the shared tables, its backbone)."""
+    config = ensemble.config
+    single = SeqRecModel(SeqRecConfig(**{**config.to_dict(), "members": 1})).eval()
+    h, state = config.hidden_size, {}
+    for key, value in ensemble.state_dict().items():
+        if key.startswith("member_backbones."):
+            index, rest = key.split(".", 2)[1:]
+            if int(index) == m - 1:
+                state["backbone." + rest] = value
+        elif key.startswith("backbone."):
+            if m == 0:
+                state[key] = value
+        elif key == "text_projection.weight":
+            state[key] = value[m * h:(m + 1) * h]
+        elif key == "text_features":
+            state[key] = value
+        else:                                                            # item and event tables
+            state[key] = value[:, m * h:(m + 1) * h]
+    single.load_state_dict(state)
+    return single
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_ensemble_scores_by_the_sum_of_its_independently_trained_members(kind):
+    torch.manual_seed(0)
+    ensemble = build_model(NUM_ITEMS, kind=kind, hidden_size=8, num_layers=1, num_heads=2, max_len=WIDTH,
+                           dropout=0.0, num_event_types=len(TYPES), text_dim=4, members=3).eval()
+    with torch.no_grad():
+        ensemble.text_features.copy_(torch.randn(NUM_ITEMS + 2, 4))
+    members = [member(ensemble, m) for m in range(3)]
+    assert not torch.allclose(members[0].item_table(), members[1].item_table())   # seeded apart
+    scores = ensemble.user_vectors(ITEMS, TYPES_IN) @ ensemble.item_table().T
+    expected = sum(m.user_vectors(ITEMS, TYPES_IN) @ m.item_table().T for m in members)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+    # Training: the sum of the members' own losses, so no member's gradient depends on another.
+    items, types = overfit_batch()
+    config = TrainConfig(loss="ce", mask_prob=0.3)
+    torch.manual_seed(1)
+    loss = training_step_loss(ensemble, ensemble, items, types, config, None)
+    separate = []
+    for m in members:
+        torch.manual_seed(1)                                             # the same masks
+        separate.append(training_step_loss(m, m, items, types, config, None))
+    torch.testing.assert_close(loss, sum(separate), rtol=1e-5, atol=1e-5)
+
+
+def test_an_ensemble_round_trips_through_save_pretrained(tmp_path):
+    model = build_model(NUM_ITEMS, hidden_size=8, num_layers=1, max_len=WIDTH, dropout=0.0, members=2).eval()
+    model.save_pretrained(tmp_path)
+    loaded = SeqRecModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.members == 2 and loaded.config.width == 16
+    assert torch.equal(model.user_vectors(ITEMS), loaded.user_vectors(ITEMS))
+
+
 def test_causal_training_ignores_the_first_event_and_padding():
     """Only positions with context predict: a one-event row contributes no label, and no NaN."""
     model = tiny("causal")

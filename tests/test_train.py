@@ -50,6 +50,16 @@ def test_other_architecture_trains_from_scratch():
     assert model.config.hidden_size == 32
 
 
+def test_a_promoted_model_with_another_ensemble_size_is_not_warm_started_from():
+    from dataclasses import replace
+
+    parent = _parent()
+    model = initial_model(parent.vocab, replace(MODEL, members=2), parent, None)
+    assert (model.config.members, model.item_table().shape[1]) == (2, 32)
+    assert not torch.equal(model.backbone.state_dict()["h.0.attn.c_attn.weight"],
+                           parent.model.backbone.state_dict()["h.0.attn.c_attn.weight"])
+
+
 def test_items_never_trained_on_start_from_text_and_stay_out_of_the_softmax():
     import numpy as np
 
