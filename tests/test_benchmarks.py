@@ -145,11 +145,11 @@ def test_quality_smoke(ray_shared, tiny_dataset, tmp_path):
     out = tmp_path / "quality.json"
     events, titles = tiny_dataset
     # Whole histories longer than the model's 20 (several training windows), the sampled loss with
-    # uniform negatives, the cosine schedule: the Beauty benchmark's paths.
+    # uniform negatives, the cosine schedule, a 2-member ensemble: the Beauty benchmark's paths.
     assert quality.main(["--smoke", "--data", str(events), "--format", "sasrec", "--titles", str(titles),
                          "--set", "train.epochs=1", "--set", "prepare.max_len=500", "--set", "train.loss=sampled",
                          "--set", "train.negatives=uniform", "--set", "train.lr_schedule=cosine",
-                         "--out", str(out)]) == 0
+                         "--set", "model.members=2", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     assert payload["dataset"]["name"] == "tiny"
     assert payload["config"]["prepare"]["max_len"] == 500 and payload["config"]["train"]["negatives"] == "uniform"
@@ -161,6 +161,7 @@ def test_quality_smoke(ray_shared, tiny_dataset, tmp_path):
         assert 0 <= row["ndcg@10"] <= row["hr@10"] <= row["hr@20"] <= 1
     model = next(r for name, r in rows.items() if name != "popularity")
     assert model["epochs"] == 1 and model["wall_minutes"] > 0
+    assert model["model"] == "causal h16 L1 x2 ensemble"
 
 
 def test_quality_cold_start_smoke(ray_shared, tiny_dataset, tmp_path):
