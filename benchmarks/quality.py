@@ -18,9 +18,10 @@ Examples::
     python benchmarks/quality.py --data ../shared/data/ml-1m/ml-1m.txt.gz --format sasrec \\
         --config benchmarks/configs/ml-1m.yaml
     python benchmarks/quality.py --data ../shared/data/beauty-bert4rec/beauty.txt.gz --format sasrec \\
-        --config benchmarks/configs/beauty.yaml --set train.epochs=50
+        --config benchmarks/configs/beauty.yaml
     python benchmarks/quality.py --data ../shared/data/ml-1m/ml-1m.txt.gz --format sasrec \\
-        --titles ../shared/data/ml-1m/sas_item_titles.tsv --config benchmarks/configs/ml-1m.yaml --cold-start
+        --titles ../shared/data/ml-1m/sas_item_titles.tsv --config benchmarks/configs/ml-1m.yaml --cold-start \\
+        --set model.members=1
     python benchmarks/quality.py --smoke [--cold-start]
 """
 
