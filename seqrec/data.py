@@ -165,8 +165,8 @@ def encode(batch: pa.Table, vocab: Vocabulary, width: int, drop_last: int = 0, w
     else:
         types = np.zeros_like(items)
     if windows:
-        items, kept_offsets = kept(items, offsets, keep)
-        types, offsets = types[keep], kept_offsets
+        types = types[keep]
+        items, offsets = kept(items, offsets, keep)
         index, offsets = window_index(offsets, width, drop_last)
         items, types, keep, drop_last = items[index], types[index], None, 0
     item_rows = left_pad(items, offsets, width, drop_last, keep)

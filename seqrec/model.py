@@ -165,9 +165,9 @@ class SeqRecModel(PreTrainedModel):
         attention_mask = (item_ids != 0).long()
         # Both backbones add positions and apply embedding dropout to inputs_embeds themselves.
         parts = x.split(self.config.hidden_size, dim=-1)                  # one slice per member
-        hidden = torch.cat([backbone(inputs_embeds=part, attention_mask=attention_mask).last_hidden_state
-                            for backbone, part in zip(self.backbones(), parts)], dim=-1)
-        return SeqRecOutput(hidden=hidden)
+        states = [backbone(inputs_embeds=part, attention_mask=attention_mask).last_hidden_state
+                  for backbone, part in zip(self.backbones(), parts)]
+        return SeqRecOutput(hidden=states[0] if len(states) == 1 else torch.cat(states, dim=-1))
 
     def user_vectors(self, item_ids: torch.Tensor, event_types: torch.Tensor | None = None) -> torch.Tensor:
         """(B, width) query vectors: the state of the last position (the newest event or [MASK])."""

@@ -132,9 +132,9 @@ def initial_model(vocab: Vocabulary, config: ModelConfig, parent: Artifact | Non
     new = model.state_dict()
     compatible = all(old[k].shape == new[k].shape for k in new if k in old and "item_embedding" not in k
                      and "text_features" not in k)
-    same_inputs = getattr(parent.model.config, "scale_embeddings", False) == config.scale_embeddings and \
-        getattr(parent.model.config, "members", 1) == config.members
-    if parent.model.config.kind != config.kind or not compatible or not same_inputs:
+    same_inputs = getattr(parent.model.config, "scale_embeddings", False) == config.scale_embeddings
+    same_members = getattr(parent.model.config, "members", 1) == config.members
+    if parent.model.config.kind != config.kind or not compatible or not same_inputs or not same_members:
         log.warning("promoted model %s has another architecture; training from scratch", parent.version)
         return model
     old_items = parent.vocab.num_items
