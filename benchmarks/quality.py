@@ -16,7 +16,7 @@ usual metrics over all test users.
 Examples::
 
     python benchmarks/quality.py --data ../shared/data/ml-1m/ml-1m.txt.gz --format sasrec \\
-        --config benchmarks/configs/ml-1m.yaml
+        --titles ../shared/data/ml-1m/sas_item_titles.tsv --config benchmarks/configs/ml-1m.yaml
     python benchmarks/quality.py --data ../shared/data/beauty-bert4rec/beauty.txt.gz --format sasrec \\
         --config benchmarks/configs/beauty.yaml
     python benchmarks/quality.py --data ../shared/data/ml-1m/ml-1m.txt.gz --format sasrec \\
@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     storage = Storage(root)
     overrides = (SMOKE_OVERRIDES if args.smoke else []) + args.overrides
     config = load_config(args.config, overrides)
+    if config.model.text_encoder and not (args.titles or args.smoke or args.cold_start):
+        raise SystemExit(f"model.text_encoder={config.model.text_encoder} needs item titles: pass --titles "
+                         "(e.g. ../shared/data/ml-1m/sas_item_titles.tsv), or --set model.text_encoder=null "
+                         "for an id-only model")
     print(config.dumps(), file=sys.stderr)
     started_ray = not ray.is_initialized()
     try:

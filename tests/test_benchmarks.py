@@ -164,6 +164,20 @@ def test_quality_smoke(ray_shared, tiny_dataset, tmp_path):
     assert model["model"] == "causal h16 L1 x2 ensemble"
 
 
+@pytest.mark.parametrize("path", sorted((BENCHMARKS / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_benchmark_configs_load(path):
+    from seqrec.config import load_config
+
+    load_config(path)  # unknown keys and bad choices raise
+
+
+def test_quality_text_config_without_titles_is_refused(tmp_path):
+    """ml-1m.yaml's model reads item titles: without --titles the run stops before any work, saying
+    what to pass."""
+    with pytest.raises(SystemExit, match="--titles"):
+        quality.main(["--data", str(tmp_path / "absent.txt"), "--config", str(BENCHMARKS / "configs" / "ml-1m.yaml")])
+
+
 def test_quality_cold_start_smoke(ray_shared, tiny_dataset, tmp_path):
     """Id-only vs text-aware on withheld items, with the text model also scored without the learned
     placement of new items."""
