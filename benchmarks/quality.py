@@ -152,15 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    root = tempfile.mkdtemp(prefix="seqrec-bench-quality-")
-    storage = Storage(root)
     overrides = (SMOKE_OVERRIDES if args.smoke else []) + args.overrides
     config = load_config(args.config, overrides)
-    if config.model.text_encoder and not (args.titles or args.smoke or args.cold_start):
-        raise SystemExit(f"model.text_encoder={config.model.text_encoder} needs item titles: pass --titles "
+    if (config.model.text_encoder or args.cold_start) and not (args.titles or (args.smoke and not args.data)):
+        raise SystemExit("a text-aware model (model.text_encoder, --cold-start) needs item titles: pass --titles "
                          "(e.g. ../shared/data/ml-1m/sas_item_titles.tsv), or --set model.text_encoder=null "
                          "for an id-only model")
     print(config.dumps(), file=sys.stderr)
+    root = tempfile.mkdtemp(prefix="seqrec-bench-quality-")
+    storage = Storage(root)
     started_ray = not ray.is_initialized()
     try:
         data, titles = args.data, args.titles

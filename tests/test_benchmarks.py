@@ -171,11 +171,13 @@ def test_benchmark_configs_load(path):
     load_config(path)  # unknown keys and bad choices raise
 
 
-def test_quality_text_config_without_titles_is_refused(tmp_path):
-    """ml-1m.yaml's model reads item titles: without --titles the run stops before any work, saying
-    what to pass."""
+@pytest.mark.parametrize("flags", [[], ["--cold-start", "--set", "model.text_encoder=null"]], ids=["config", "cold-start"])
+def test_quality_text_config_without_titles_is_refused(tmp_path, flags):
+    """ml-1m.yaml's model, and --cold-start's text-aware one, read item titles: without --titles the
+    run stops before any work, saying what to pass."""
     with pytest.raises(SystemExit, match="--titles"):
-        quality.main(["--data", str(tmp_path / "absent.txt"), "--config", str(BENCHMARKS / "configs" / "ml-1m.yaml")])
+        quality.main(["--data", str(tmp_path / "absent.txt"), "--config", str(BENCHMARKS / "configs" / "ml-1m.yaml"),
+                      *flags])
 
 
 def test_quality_cold_start_smoke(ray_shared, tiny_dataset, tmp_path):
