@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import psutil
@@ -41,6 +42,13 @@ def _kill_cluster(marker: str) -> None:
             continue
 
 
+def _ray_start(ray: str, args: list[str], env: dict[str, str]) -> None:
+    """``ray start``; a failure raises with Ray's own output, which names the cause."""
+    done = subprocess.run([ray, "start", *args], env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode:
+        raise RuntimeError(f"ray start {' '.join(args)} exited {done.returncode}:\n{(done.stdout + done.stderr)[-3000:]}")
+
+
 @pytest.fixture(scope="module")
 def two_node_cluster():
     marker = uuid.uuid4().hex[:8]
@@ -49,7 +57,6 @@ def two_node_cluster():
            # The job's python is whatever the raylet finds first on PATH: this venv's.
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     ray = str(Path(sys.executable).parent / "ray")
-    gcs, dashboard = _free_port(), _free_port()
     # Every port explicit and free: another Ray on this host (the session's) holds the defaults.
     def node_ports() -> list[str]:
         return ["--num-cpus=1", "--disable-usage-stats", f"--dashboard-agent-listen-port={_free_port()}",
@@ -58,15 +65,27 @@ def two_node_cluster():
                 f"--object-manager-port={_free_port()}"]
 
     try:
-        subprocess.run([ray, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-                        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                        f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}", *node_ports()],
-                       env=env, check=True, capture_output=True, timeout=120)
+        # The head's start failed once in a CI run (its output was not kept). A port found free can be
+        # taken before Ray binds it, so the head gets a second try on fresh ports; the first failure's
+        # output stays visible as a warning.
+        for attempt in range(2):
+            gcs, dashboard = _free_port(), _free_port()
+            try:
+                _ray_start(ray, [
+                    "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                    f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}", *node_ports()], env)
+                break
+            except RuntimeError as error:
+                if attempt:
+                    raise
+                warnings.warn(f"retrying on fresh ports: {error}")
+                _kill_cluster(marker)
+                shutil.rmtree(temp_dir, ignore_errors=True)
         # Its own temp dir: two nodes on one host must not share runtime-env folders (each node's
         # agent unpacks the job's working_dir there and would delete it under the other's driver).
-        subprocess.run([ray, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-                        f"--temp-dir={temp_dir}-w", *node_ports()],
-                       env=env, check=True, capture_output=True, timeout=120)
+        _ray_start(ray, [f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}-w",
+                         *node_ports()], env)
         yield f"http://127.0.0.1:{dashboard}", env, ray
     finally:
         _kill_cluster(marker)
