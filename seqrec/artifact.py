@@ -12,6 +12,7 @@ say what is wrong, because a silently mis-aligned vocabulary recommends the wron
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import subprocess
 import tempfile
@@ -19,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from transformers.utils import logging as hf_logging
 
@@ -61,10 +65,30 @@ def new_version(date: str) -> str:
     return f"{date}-{dt.datetime.now(dt.timezone.utc).strftime('%H%M%S%f')}"
 
 
+def vocabulary_checksum(vocab: Vocabulary) -> str:
+    """sha256 of the index -> original id mapping and the event types, the order the weights assume.
+
+    Two vocabularies of the same size but another order (or other ids) give other checksums: the
+    size check alone would let such a file recommend the wrong items.
+    """
+    digest = hashlib.sha256()
+    items = vocab.items.combine_chunks() if isinstance(vocab.items, pa.ChunkedArray) else vocab.items
+    if pa.types.is_integer(items.type):
+        digest.update(b"int64\0" + np.asarray(items.cast(pa.int64()), dtype="<i8").tobytes())
+    else:
+        text = items.cast(pa.string())
+        digest.update(b"string\0" + np.asarray(pc.binary_length(text), dtype="<i8").tobytes())
+        digest.update("".join(text.to_pylist()).encode())
+    digest.update(b"\0".join(t.encode() for t in vocab.event_types))
+    return digest.hexdigest()
+
+
 def write_local(artifact: Artifact, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     artifact.model.config.event_types = artifact.vocab.event_types
+    # Saved beside the weights (config.json), so a vocabulary file swapped afterwards is caught.
+    artifact.model.config.vocabulary_checksum = vocabulary_checksum(artifact.vocab)
     artifact.model.save_pretrained(directory)
     pq.write_table(artifact.vocab.to_table(), directory / "vocabulary.parquet")
     import json
@@ -99,6 +123,10 @@ def read_local(directory: str | Path, version: str = "") -> Artifact:
     if vocab.num_items != model.config.num_items:
         raise ArtifactError(f"{directory}: vocabulary has {vocab.num_items} items but the weights were built for "
                             f"{model.config.num_items}; the artifact is inconsistent, do not use it")
+    recorded = getattr(model.config, "vocabulary_checksum", None)
+    if recorded is not None and recorded != vocabulary_checksum(vocab):
+        raise ArtifactError(f"{directory}: vocabulary.parquet is not the vocabulary these weights were trained "
+                            "with (same size, other ids or order: checksum differs); do not use it")
     if model.item_embedding.weight.shape[0] != vocab.num_items + 2:
         raise ArtifactError(f"{directory}: item table has {model.item_embedding.weight.shape[0]} rows, "
                             f"expected {vocab.num_items + 2} for the vocabulary")

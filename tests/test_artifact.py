@@ -87,6 +87,41 @@ def test_vocabulary_size_mismatch_is_refused(directory):
         read_local(directory)
 
 
+@pytest.mark.parametrize("change", ["other ids", "other order", "other event types"])
+def test_vocabulary_of_the_same_size_but_different_is_refused(directory, change):
+    original = read_local(directory).vocab
+    ids = original.items.to_pylist()
+    types = list(TYPES)
+    if change == "other ids":
+        ids[-1] = ids[-1] + 1
+    elif change == "other order":
+        ids[0], ids[1] = ids[1], ids[0]
+    else:
+        types = types[::-1]
+    table = pa.table({"item_id": pa.array(ids, pa.int64()), "index": pa.array(range(1, NUM_ITEMS + 1), pa.int64()),
+                      "count": pa.array(original.counts[1:], pa.int64())})
+    pq.write_table(table, directory / "vocabulary.parquet")
+    if change == "other event types":
+        config = json.loads((directory / "config.json").read_text())
+        config["event_types"] = types
+        (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="not the vocabulary these weights were trained with"):
+        read_local(directory)
+
+
+def test_vocabulary_checksum_is_recorded_and_string_ids_work(tmp_path):
+    from seqrec.artifact import vocabulary_checksum
+
+    original = artifact()
+    directory = write_local(original, tmp_path / "m")
+    assert json.loads((directory / "config.json").read_text())["vocabulary_checksum"] == \
+        vocabulary_checksum(original.vocab)
+    a = Vocabulary.build(pa.array(["ab", "c"]), TYPES)
+    b = Vocabulary.build(pa.array(["a", "bc"]), TYPES)          # same bytes joined, other split
+    assert vocabulary_checksum(a) != vocabulary_checksum(b)
+    assert vocabulary_checksum(a) == vocabulary_checksum(Vocabulary.build(pa.array(["c", "ab"]), TYPES))
+
+
 def test_missing_config_is_refused(directory):
     (directory / "config.json").unlink()
     with pytest.raises(ArtifactError, match="config.json is missing"):

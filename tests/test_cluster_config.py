@@ -163,3 +163,33 @@ def test_broken_config_is_rejected(break_it):
     break_it(config)
     with pytest.raises((jsonschema.ValidationError, ValueError, TypeError, AssertionError)):
         ray_up_checks(config)
+
+
+# --------------------------------------------------------------------------------------------
+# configs/prod.yaml: the config the README's cluster commands pass
+# --------------------------------------------------------------------------------------------
+def test_readme_commands_name_configs_that_exist_and_load():
+    from seqrec.config import load_config
+
+    readme = (REPO / "README.md").read_text()
+    named = set(re.findall(r"--config (configs/[\w.-]+\.yaml)", readme))
+    assert "configs/prod.yaml" in named
+    for path in named:
+        assert (REPO / path).is_file(), f"README names {path}, which does not exist"
+        load_config(REPO / path)                      # unknown keys and bad choices raise
+
+
+def test_prod_config_fits_the_cluster_node_types():
+    from seqrec.config import load_config
+
+    prod = load_config(REPO / "configs" / "prod.yaml")
+    gpu = load()["available_node_types"][GPU]
+    node_cpus, node_gpus, nodes = gpu["resources"]["CPU"], gpu["resources"]["GPU"], gpu["max_workers"]
+    assert prod.train.use_gpu and prod.score.gpus_per_actor > 0      # the cluster's workers are GPU nodes
+    # Every training worker and every scoring actor gets a place on the GPU nodes, with a CPU to spare
+    # for Ray Data's input tasks on each node.
+    assert prod.train.num_workers <= nodes * node_gpus
+    assert prod.train.cpus_per_worker <= node_cpus - 1
+    assert prod.score.num_actors * prod.score.gpus_per_actor <= nodes * node_gpus
+    assert prod.score.cpus_per_actor <= node_cpus - 1
+    assert prod.train.batch_size % prod.train.num_workers == 0

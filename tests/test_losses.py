@@ -127,6 +127,36 @@ def test_sampled_ce_with_popularity_log_q_is_finite_and_shift_invariant():
     assert torch.isfinite(sampled_ce(hidden, labels, items, flat, num_negatives=20))
 
 
+def test_sampled_ce_log_q_correction_matches_an_explicit_reference():
+    """Non-uniform log_q, negatives fixed by the seed: every logit is its score minus its own log q.
+
+    A version that drops the correction, flips its sign or applies it to negatives only gives a
+    different value (checked below), so this pins the correction itself, not only finiteness.
+    """
+    hidden, labels, items = inputs(5)
+    log_q = uniform_log_q()
+    log_q[1:] = torch.log_softmax(torch.linspace(4, 0, NUM_ITEMS), 0)      # item 1 ~50x item N
+    torch.manual_seed(13)
+    loss = sampled_ce(hidden, labels, items, log_q, num_negatives=16)
+    torch.manual_seed(13)
+    negatives = torch.multinomial(log_q.exp(), 16, replacement=True)
+
+    def reference(sign_pos: float, sign_neg: float) -> torch.Tensor:
+        rows = []
+        for p in range(POSITIONS):
+            label = int(labels[p])
+            pos = hidden[p] @ items[label] - sign_pos * log_q[label]
+            neg = [hidden[p] @ items[n] - sign_neg * log_q[n] for n in negatives.tolist() if n != label]
+            logits = torch.stack([pos, *neg])
+            rows.append(torch.logsumexp(logits, 0) - pos)
+        return torch.stack(rows).mean()
+
+    expected = reference(1.0, 1.0)
+    torch.testing.assert_close(loss, expected)
+    for broken in (reference(0.0, 0.0), reference(-1.0, -1.0), reference(0.0, 1.0), reference(1.0, 0.0)):
+        assert (broken - expected).abs() > 1e-2          # each mutation is distinguishable here
+
+
 @pytest.mark.parametrize("name", LOSSES)
 def test_loss_decreases_when_the_positive_score_grows(name):
     # Orthonormal item vectors: moving each state towards its label raises the positive score only.

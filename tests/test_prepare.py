@@ -100,6 +100,30 @@ def test_synthetic_reconciles_and_quarantines_planted_rows(storage):
     assert storage.read_json("sequences", "dt=2024-01-03", "_SUCCESS")["rows_kept"] == report.rows_kept
 
 
+def test_a_miscount_refuses_to_finish_and_keeps_the_published_sequences(storage, monkeypatch):
+    """A row lost between reading and counting (here: validation drops one clean row of a file
+    without quarantining it) breaks rows read = kept + quarantined + duplicates: prepare raises
+    and neither replaces nor removes the date's published sequences."""
+    import seqrec.prepare as stage
+
+    write_synthetic(storage, SPEC)
+    config = PrepareConfig(max_len=500, incremental=False)
+    good = prepare(storage, "2024-01-03", config)
+    published = read_sequences(storage, "2024-01-03")
+    validate = stage.validate
+
+    def loses_a_row(table, *args, **kwargs):
+        clean, bad = validate(table, *args, **kwargs)
+        return clean.slice(1), bad
+
+    monkeypatch.setattr(stage, "validate", loses_a_row)
+    with pytest.raises(Exception, match="reconcile") as refused:
+        prepare(storage, "2024-01-03", config)
+    assert str(good.rows_read) in str(refused.value)           # the message gives the counts
+    assert storage.read_json("sequences", "dt=2024-01-03", "_SUCCESS") == good.as_dict()
+    assert read_sequences(storage, "2024-01-03").equals(published)
+
+
 def test_incremental_equals_full_rebuild(tmp_path):
     inc, full = Storage(str(tmp_path / "inc")), Storage(str(tmp_path / "full"))
     for s in (inc, full):
