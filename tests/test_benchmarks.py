@@ -78,6 +78,12 @@ def test_scoring_items_sweep_smoke(tmp_path):
     for row in rows:
         assert row["peak_growth_mib"] < 64             # ranking adds little on top of the item table
         assert row["table_gib"] > 0 and row["seconds"] > 0
+    print("items sweep peak growth MiB:", [r["peak_growth_mib"] for r in rows])
+    # The claim: memory beyond the item table stays flat as the catalogue grows (10x here, while
+    # the table itself grows 10x); a dense (users x items) score matrix would add ~18 MiB more.
+    small, large = rows
+    assert large["table_gib"] > 5 * small["table_gib"]
+    assert large["peak_growth_mib"] <= small["peak_growth_mib"] + 8
 
 
 def test_flops_formula_counts_the_transformer_and_the_catalogue():
@@ -162,6 +168,11 @@ def test_quality_smoke(ray_shared, tiny_dataset, tmp_path):
     model = next(r for name, r in rows.items() if name != "popularity")
     assert model["epochs"] == 1 and model["wall_minutes"] > 0
     assert model["model"] == "causal h16 L1 x2 ensemble"
+    print("quality smoke NDCG@10 model / popularity:", model["ndcg@10"], rows["popularity"]["ndcg@10"])
+    # The benchmark's claim at small scale: the sequence model beats popularity (the synthetic data
+    # plants item chains that popularity cannot see). One epoch of this setting gave 1.43x and 1.67x
+    # popularity's 0.130 in two runs; a model that learned nothing scores ~0.04.
+    assert model["ndcg@10"] > 1.25 * rows["popularity"]["ndcg@10"]
 
 
 @pytest.mark.parametrize("path", sorted((BENCHMARKS / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -193,6 +204,12 @@ def test_quality_cold_start_smoke(ray_shared, tiny_dataset, tmp_path):
     assert payload["dataset"]["withheld_items"] > 0
     for row in rows.values():
         assert 0 <= row["recall@10_withheld"] <= 1 and row["withheld_users"] > 0
+    print("cold-start smoke recall@10 of withheld targets:", {k: r["recall@10_withheld"] for k, r in rows.items()})
+    # The benchmark's claim: an id-only model does not rank items it never trained on (their rows are
+    # only ever negatives; after one epoch on this tiny catalogue a few still reach a top 10: 0 and
+    # 0.027 in two runs), the text-aware model with learned placement does (0.64).
+    assert rows["id-only"]["recall@10_withheld"] <= 0.1
+    assert rows["text:minilm"]["recall@10_withheld"] >= rows["id-only"]["recall@10_withheld"] + 0.2
 
 
 def test_withheld_items_leave_training_but_stay_as_test_targets():
