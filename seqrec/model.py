@@ -32,17 +32,55 @@ import torch.nn as nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from seqrec.config import ModelConfig
+
 KINDS = ("causal", "bidirectional")
 
 
-class SeqRecConfig(PretrainedConfig):
-    model_type = "seqrec"
+_DEFAULTS = ModelConfig()
 
-    def __init__(self, num_items: int = 1, kind: str = "causal", hidden_size: int = 64, num_layers: int = 2,
-                 num_heads: int = 1, max_len: int = 200, dropout: float = 0.2, num_event_types: int = 0,
-                 text_dim: int = 0, scale_embeddings: bool = False, members: int = 1, **kwargs):
+
+class SeqRecConfig(PretrainedConfig):
+    """The architecture of a :class:`SeqRecModel`, saved beside its weights as ``config.json``.
+
+    Built from the typed :class:`seqrec.config.ModelConfig` by :meth:`from_model_config`, the one
+    place that maps settings to the model; the defaults here are ``ModelConfig``'s, so a model built
+    in a test is the model a night builds.
+
+    Args:
+        num_items: items in the vocabulary (indices ``1..num_items``); the item table has
+            ``num_items + 2`` rows: padding, the items, ``[MASK]``.
+        kind: ``causal`` (SASRec / GPT-2 style) or ``bidirectional`` (BERT4Rec style).
+        hidden_size: width of one member's embeddings and hidden states.
+        num_layers: transformer blocks per member.
+        num_heads: attention heads per block.
+        max_len: positions the model reads: a user's newest ``max_len`` events.
+        dropout: embedding, residual and attention dropout.
+        num_event_types: event types embedded and added to the items (0: event types ignored).
+        text_dim: width of the frozen item-text features (0: an id-only model).
+        scale_embeddings: multiply item embeddings by ``sqrt(hidden_size)`` before positions are
+            added, as SASRec and the Transformer do, so the item signal dominates the positions'.
+        members: towers in the ensemble, each ``hidden_size`` wide with its own loss; scores add up.
+        event_types: the event-type names by index - 1 (the vocabulary's), for scoring.
+        text_encoder: the encoder that made the text features (``ModelConfig.text_encoder``).
+    """
+
+    model_type = "seqrec"
+    # Fields added after artifacts were first written: a config.json without one was built without
+    # the feature, so it loads with the value it was trained with, not with today's default.
+    ADDED_LATER = {"scale_embeddings": False, "members": 1}
+
+    def __init__(self, num_items: int = 1, kind: str = _DEFAULTS.kind,
+                 hidden_size: int = _DEFAULTS.hidden_size, num_layers: int = _DEFAULTS.num_layers,
+                 num_heads: int = _DEFAULTS.num_heads, max_len: int = _DEFAULTS.max_len,
+                 dropout: float = _DEFAULTS.dropout, num_event_types: int = 0,
+                 text_dim: int = 0, scale_embeddings: bool = _DEFAULTS.scale_embeddings,
+                 members: int = _DEFAULTS.members, event_types: list[str] | None = None,
+                 text_encoder: str | None = _DEFAULTS.text_encoder, **kwargs):
         if kind not in KINDS:
             raise ValueError(f"model kind {kind!r} is not one of {KINDS}")
+        if members < 1:
+            raise ValueError(f"an ensemble needs at least 1 member, got members={members}")
         self.num_items = num_items
         self.kind = kind
         self.hidden_size = hidden_size
@@ -53,10 +91,28 @@ class SeqRecConfig(PretrainedConfig):
         self.num_event_types = num_event_types
         self.text_dim = text_dim
         self.scale_embeddings = scale_embeddings
-        if members < 1:
-            raise ValueError(f"an ensemble needs at least 1 member, got members={members}")
         self.members = members
+        self.event_types = list(event_types or [])
+        self.text_encoder = text_encoder
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_model_config(cls, model_config: ModelConfig, *, num_items: int, num_event_types: int = 0,
+                          text_dim: int = 0, event_types: list[str] | None = None) -> "SeqRecConfig":
+        """The model a night trains: ``model_config``'s architecture over tonight's vocabulary.
+
+        ``num_event_types`` is used only when ``model_config.use_event_types``.
+        """
+        return cls(num_items=num_items, kind=model_config.kind, hidden_size=model_config.hidden_size,
+                   num_layers=model_config.num_layers, num_heads=model_config.num_heads,
+                   max_len=model_config.max_len, dropout=model_config.dropout,
+                   num_event_types=num_event_types if model_config.use_event_types else 0, text_dim=text_dim,
+                   scale_embeddings=model_config.scale_embeddings, members=model_config.members,
+                   event_types=event_types, text_encoder=model_config.text_encoder)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "SeqRecConfig":
+        return super().from_dict({**cls.ADDED_LATER, **config_dict}, **kwargs)
 
     @property
     def width(self) -> int:
@@ -174,12 +230,12 @@ class SeqRecModel(PreTrainedModel):
         return self.forward(item_ids, event_types).hidden[:, -1, :]
 
 
-def build_model(num_items: int, kind: str = "causal", hidden_size: int = 64, num_layers: int = 2,
-                num_heads: int = 1, max_len: int = 200, dropout: float = 0.2, num_event_types: int = 0,
-                text_dim: int = 0, members: int = 1) -> SeqRecModel:
-    return SeqRecModel(SeqRecConfig(num_items=num_items, kind=kind, hidden_size=hidden_size, num_layers=num_layers,
-                                    num_heads=num_heads, max_len=max_len, dropout=dropout,
-                                    num_event_types=num_event_types, text_dim=text_dim, members=members))
+def build_model(num_items: int, *, num_event_types: int = 0, text_dim: int = 0,
+                **model_fields) -> SeqRecModel:
+    """A fresh model as a night builds it: ``ModelConfig``'s defaults, any of its fields overridden."""
+    config = SeqRecConfig.from_model_config(ModelConfig(**model_fields), num_items=num_items,
+                                            num_event_types=num_event_types, text_dim=text_dim)
+    return SeqRecModel(config)
 
 
 def query_inputs(items: torch.Tensor, types: torch.Tensor, kind: str, mask_index: int) -> tuple[torch.Tensor, torch.Tensor]:

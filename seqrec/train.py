@@ -111,14 +111,9 @@ def make_datasets(sequences: pa.Table, vocab: Vocabulary, max_len: int, num_work
 def initial_model(vocab: Vocabulary, config: ModelConfig, parent: Artifact | None,
                   text_features: torch.Tensor | None) -> SeqRecModel:
     """A fresh model, or the parent's weights grown to the new vocabulary."""
-    model_config = SeqRecConfig(
-        num_items=vocab.num_items, kind=config.kind, hidden_size=config.hidden_size, num_layers=config.num_layers,
-        num_heads=config.num_heads, max_len=config.max_len, dropout=config.dropout,
-        num_event_types=len(vocab.event_types) if config.use_event_types else 0,
-        text_dim=0 if text_features is None else text_features.shape[1],
-        event_types=vocab.event_types, text_encoder=config.text_encoder, scale_embeddings=config.scale_embeddings,
-        members=config.members,
-    )
+    model_config = SeqRecConfig.from_model_config(
+        config, num_items=vocab.num_items, num_event_types=len(vocab.event_types),
+        text_dim=0 if text_features is None else text_features.shape[1], event_types=vocab.event_types)
     model = SeqRecModel(model_config)
     if text_features is not None:
         model.text_features.copy_(text_features)
