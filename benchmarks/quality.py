@@ -1,7 +1,7 @@
 """Benchmark recommendation quality on a public dataset: import, prepare, train, evaluate.
 
 Runs the real stages: :func:`seqrec.importers.import_dataset` -> :func:`seqrec.prepare.prepare`
--> :func:`seqrec.train.train` (model selection on validation NDCG@10 only) ->
+-> :func:`seqrec.training.train` (model selection on validation NDCG@10 only) ->
 :func:`seqrec.evaluate.evaluate` on the test targets (leave-one-out, full-catalogue ranking, history
 excluded), and prints the model's and the popularity baseline's HR@10, NDCG@10, MRR, HR@20,
 NDCG@20, with the epochs trained and the wall minutes.
@@ -105,7 +105,7 @@ def train_and_evaluate(storage, sequences, config, label: str, eval_sets: dict[s
     """Train ``config`` on ``sequences``; evaluate on each named table of ``eval_sets`` (test split)."""
     from seqrec.evaluate import evaluate
     from seqrec.nightly import text_features_for
-    from seqrec.train import train
+    from seqrec.training import train
 
     started = time.perf_counter()
     result = train(storage, sequences, model_config=config.model, train_config=config.train,
@@ -241,7 +241,7 @@ def cold_row(label: str, test: dict, cold: dict, scorer: str, result=None, wall_
 
 def text_alone_row(result, config, eval_sets: dict[str, pa.Table], label: str) -> dict:
     from seqrec.evaluate import evaluate
-    from seqrec.train import never_trained
+    from seqrec.training.cold_items import never_trained
 
     model = copy.deepcopy(result.model)
     untrained = torch.from_numpy(never_trained(result.vocab.counts))

@@ -2,7 +2,7 @@
 
 Imports the SASRec-format ML-1M file (``seqrec.importers.import_dataset("sasrec", ...)``) into a
 temporary storage root, prepares sequences with max length 200, and trains with
-:func:`seqrec.train.train` (Ray Train, Accelerate): max length 200, hidden 64, 2 blocks, 1 head,
+:func:`seqrec.training.train` (Ray Train, Accelerate): max length 200, hidden 64, 2 blocks, 1 head,
 full-softmax cross-entropy, global batch 128. For each ``--workers`` count it reports training
 sequences/second, seconds/epoch (with and without the per-epoch validation) and the peak memory of
 all local Ray processes, and, within a ``--max-minutes`` budget, the time to reach validation
@@ -91,7 +91,7 @@ def first_epoch_reaching(history: list[dict], setup_s: float, target: float) -> 
 
 
 def run_training(storage, sequences, prepare_config, workers: int, epochs: int, args, name: str) -> dict:
-    from seqrec.train import train
+    from seqrec.training import train
 
     train_config = train_config_for(workers, epochs, args)
     with harness.ProcessTreeMemory() as memory:

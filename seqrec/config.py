@@ -68,7 +68,8 @@ class TrainConfig:
     id_dropout: float = 0.0
     # Text-aware models, after training: items with no training interaction are represented by a
     # projection of their text fitted to rank like trained items ("learned", see
-    # seqrec.train.place_untrained_items), or by the model's text projection alone ("text").
+    # seqrec.training.cold_items.place_untrained_items), or by the model's text projection alone
+    # ("text").
     cold_items: Literal["learned", "text"] = "learned"
     # all: a history longer than model.max_len is cut into windows that are all trained on (every
     # next-item pair once); newest: only its newest max_len items, as SASRec's reference code does.

@@ -17,10 +17,9 @@ import pyarrow as pa
 import torch
 
 from seqrec.config import EvalConfig
-from seqrec.data import Vocabulary, longest
-from seqrec.model import SeqRecModel
+from seqrec.data import Vocabulary, encode, longest
+from seqrec.model import SeqRecModel, query_inputs
 from seqrec.ranking import rank_unseen, ranking_metrics
-from seqrec.train import evaluate_batches, evaluation_rows, means
 
 log = logging.getLogger("seqrec.evaluate")
 
@@ -28,10 +27,58 @@ PROTOCOL = ("leave-one-out: last item = test, second-to-last = validation; full-
             "user's history excluded; metrics averaged over users with at least one item before the target")
 
 
+def evaluation_rows(batch: pa.Table, vocab: Vocabulary, width: int, holdout: int,
+                    seen_width: int) -> dict[str, np.ndarray]:
+    """Leave-one-out rows of users with at least one item before the target.
+
+    items/event_types: the newest ``width`` items before the target, then the target (last column);
+    seen: every item before the target (the newest ``seen_width``), excluded from the ranking as in
+    the literature, even where the history is longer than the model's context.
+    """
+    full = encode(batch, vocab, max(seen_width, width) + 1, drop_last=holdout)
+    keep = full.lengths >= 2
+    return {"items": full.items[keep, -(width + 1):], "event_types": full.event_types[keep, -(width + 1):],
+            "seen": full.items[keep, :-1].astype(np.int32)}
+
+
+def evaluate_batches(model: SeqRecModel, batches, ks: list[int], device: torch.device,
+                     bf16: bool = False) -> dict[str, float]:
+    """Sums of leave-one-out metrics over batches of {items, event_types, seen} (last column = target).
+
+    ``seen`` is the whole history, excluded from the ranking (:func:`evaluation_rows`).
+
+    ``bf16`` runs the sequence encoder under bf16 autocast; ranking is always float32 so that
+    near-ties are not decided by rounding.
+    """
+    config = model.config
+    totals: dict[str, float] = {"users": 0.0}
+    model.eval()
+    with torch.inference_mode():
+        table = model.item_table()[: config.num_items + 1].float()
+        for batch in batches:
+            items, types = batch["items"].to(device), batch["event_types"].to(device)
+            targets, history, history_types = items[:, -1], items[:, :-1], types[:, :-1]
+            inputs, input_types = query_inputs(history, history_types, config.kind, config.mask_index)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                queries = model.user_vectors(inputs, input_types)
+            queries = queries.float()
+            ranked = rank_unseen(queries, table, batch["seen"].to(device), k=max(ks), targets=targets)
+            for key, value in ranking_metrics(ranked.target_rank, ks).items():
+                totals[key] = totals.get(key, 0.0) + value
+            totals["users"] += len(targets)
+    return totals
+
+
+def means(totals: dict[str, float], prefix: str) -> dict[str, float]:
+    """Sums over users -> means, keys prefixed (``val_``)."""
+    users = max(totals.get("users", 0.0), 1.0)
+    return {f"{prefix}{k}": v / users for k, v in totals.items() if k != "users"}
+
+
 def split_batches(sequences: pa.Table, vocab: Vocabulary, width: int, holdout: int, batch_size: int,
                   max_users: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of {items, event_types, seen}: ``width`` history columns + the target in the last
-    column, and the user's whole history before the target (:func:`seqrec.train.evaluation_rows`).
+    column, and the user's whole history before the target (:func:`evaluation_rows`).
 
     holdout=1: validation (the second-to-last item is the target); holdout=0: test.
     """

@@ -14,7 +14,7 @@ which is what lets items unseen in training be scored.
 
 ``members > 1`` makes the model an ensemble of that many towers trained side by side, each with
 its own ``hidden_size`` slice of the item table and its own backbone, and each with its own loss
-(see ``seqrec.train.training_step_loss``), so they learn as independently seeded models do. A
+(see ``seqrec.training.loop.training_step_loss``), so they learn as independently seeded models do. A
 user's vector and the item table are the members' concatenated, so one dot product is the *sum*
 of the members' scores: ranking, evaluation and scoring need nothing else. Summed logits rank as
 summed log-probabilities (each member's log-softmax only subtracts a per-user constant).

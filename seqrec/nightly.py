@@ -22,7 +22,7 @@ from seqrec.prepare import PrepareReport, prepare, read_sequences
 from seqrec.report import write_report
 from seqrec.score import ScoreReport, score
 from seqrec.storage import Storage
-from seqrec.train import train
+from seqrec.training import train
 
 log = logging.getLogger("seqrec.nightly")
 

@@ -18,11 +18,10 @@ import torch
 from seqrec.artifact import Artifact, save
 from seqrec.config import EvalConfig
 from seqrec.data import Vocabulary
-from seqrec.evaluate import evaluate, popularity_metrics, split_batches
+from seqrec.evaluate import evaluate, evaluation_rows, popularity_metrics, split_batches
 from seqrec.model import build_model
 from seqrec.score import Recommender
 from seqrec.storage import Storage
-from seqrec.train import evaluation_rows
 
 NUM_ITEMS = 12
 WIDTH = 3          # the model's context: much shorter than the histories below

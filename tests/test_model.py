@@ -11,7 +11,7 @@ from seqrec.config import TrainConfig
 from seqrec.data import Vocabulary
 from seqrec.losses import LOSSES
 from seqrec.model import KINDS, SeqRecConfig, SeqRecModel, build_model
-from seqrec.train import training_step_loss
+from seqrec.training.loop import training_step_loss
 
 NUM_ITEMS, HIDDEN, WIDTH = 20, 16, 8
 TYPES = ["view", "click", "cart"]
@@ -294,7 +294,7 @@ def test_untrained_items_are_placed_from_their_text(kind):
     """The learned placement lowers its own loss and writes only the untrained items' id rows."""
     import numpy as np
 
-    from seqrec.train import place_untrained_items
+    from seqrec.training.cold_items import place_untrained_items
 
     torch.manual_seed(0)
     n = 40

@@ -21,7 +21,7 @@ from seqrec.prepare import prepare, read_sequences
 from seqrec.publish import SUCCESS, read_partition
 from seqrec.storage import Storage
 from seqrec.synthetic import SyntheticSpec, write_synthetic
-from seqrec.train import train
+from seqrec.training import train
 
 SPEC = SyntheticSpec(num_users=400, num_items=100, mean_events=20, days=2, end_date="2024-02-02", bad_rows=10)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

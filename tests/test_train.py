@@ -9,7 +9,8 @@ import torch
 from seqrec.artifact import Artifact
 from seqrec.config import ModelConfig
 from seqrec.data import Vocabulary
-from seqrec.train import initial_model, lr_factor
+from seqrec.training.loop import lr_factor
+from seqrec.training.warm_start import initial_model
 
 MODEL = ModelConfig(hidden_size=16, num_layers=1, num_heads=1, max_len=8, dropout=0.0)
 
@@ -64,7 +65,7 @@ def test_items_never_trained_on_start_from_text_and_stay_out_of_the_softmax():
     import numpy as np
 
     from seqrec.losses import full_ce
-    from seqrec.train import never_trained
+    from seqrec.training.cold_items import never_trained
 
     vocab = Vocabulary(items=pa.array([10, 20, 30], pa.int64()), event_types=["view"],
                        counts=np.array([0, 5, 0, 2]))                 # item 20 (index 2) never in training
@@ -93,7 +94,7 @@ def test_only_items_without_an_id_row_are_placed_from_text():
     """Quiet tonight but learned before (a warm start kept the row): left alone; new: placed."""
     import numpy as np
 
-    from seqrec.train import without_id_rows
+    from seqrec.training.cold_items import without_id_rows
 
     parent = _parent()
     grown = parent.vocab.extend(pa.array([40], pa.int64()))

@@ -1,0 +1,273 @@
+"""The per-worker training loop (Ray Train + Accelerate, data-parallel).
+
+Each worker trains on its shard of the training rows, evaluates its shard of the validation users
+each epoch (sums all-reduced, so every rank sees the same numbers and stops at the same epoch), and
+rank 0 reports a checkpoint holding the current state and the best-so-far weights. Model selection
+uses validation only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from seqrec.config import TrainConfig
+from seqrec.evaluate import evaluate_batches, means
+from seqrec.losses import item_loss
+from seqrec.model import SeqRecConfig, SeqRecModel
+from seqrec.training.checkpoints import TrainingState, load_checkpoint, save_checkpoint
+from seqrec.training.cold_items import never_trained
+from seqrec.training.datasets import next_item_pairs
+
+log = logging.getLogger("seqrec.training")
+
+SELECTION_METRIC = "val_ndcg@10"
+VALIDATION_BATCH_ROWS = 512
+
+
+@dataclass
+class WorkerInputs:
+    """Everything a worker needs, built once by the driver (:func:`seqrec.training.driver.train`)."""
+
+    train_config: TrainConfig
+    model_config: dict[str, Any]            # SeqRecConfig.to_dict() of the initial model
+    initial_state: Any                      # ray.ObjectRef of its weights: put once, read by every rank
+    train_rows: int                         # training rows over all workers (sets the schedule)
+    item_counts: np.ndarray                 # (N+1,) training interactions per index
+    ks: list[int] = field(default_factory=lambda: [10, 20])
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of a step
+# --------------------------------------------------------------------------------------------
+def training_step_loss(model: torch.nn.Module, core: SeqRecModel, items: torch.Tensor, types: torch.Tensor,
+                       train_config: TrainConfig, log_q: torch.Tensor | None,
+                       out_of_softmax: torch.Tensor | None = None) -> torch.Tensor:
+    """items/types: (B, T+1) left-padded training rows.
+
+    ``model`` is what the forward goes through (the DDP wrapper, so gradients are synchronised);
+    ``core`` is the unwrapped model, for its config and item table. ``out_of_softmax``: (N+1,) bool,
+    items that are never a softmax column (see :func:`seqrec.training.cold_items.never_trained`).
+    """
+    config = core.config
+    if config.kind == "causal":
+        inputs, input_types, labels = next_item_pairs(items, types)                        # (B, T)
+    else:
+        inputs, input_types = items[:, 1:].clone(), types[:, 1:].clone()
+        real = inputs != 0
+        masked = (torch.rand(inputs.shape, device=inputs.device) < train_config.mask_prob) & real
+        last_masked = torch.rand(len(inputs), device=inputs.device) < train_config.mask_prob
+        masked[:, -1] |= real[:, -1] & last_masked
+        labels = torch.where(masked, inputs, torch.zeros_like(inputs))
+        inputs[masked] = config.mask_index
+        input_types[masked] = 0
+    keep_ids = None
+    if config.text_dim and train_config.id_dropout > 0:
+        keep_ids = (torch.rand(config.num_items + 2, device=items.device) >= train_config.id_dropout).float()
+        keep_ids[-1] = 1.0                                          # [MASK] has no text to fall back on
+    hidden = model(inputs, input_types, keep_ids=keep_ids).hidden  # (B, T, width)
+    picked = labels != 0
+    table = core.item_table(keep_ids)[: config.num_items + 1]      # (N+1, width) without [MASK]
+    # Each ensemble member is trained on its own loss (its own slice of states and items), as a
+    # separately trained model would be; a loss of the summed scores would train one wide model.
+    return sum(item_loss(train_config.loss, states, labels[picked], member_items, log_q=log_q,
+                         num_negatives=train_config.num_negatives, gbce_t=train_config.gbce_t,
+                         excluded=out_of_softmax)
+               for states, member_items in zip(hidden[picked].split(config.hidden_size, dim=-1),
+                                               table.split(config.hidden_size, dim=-1)))
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Learning-rate multiplier: linear warmup, then constant or a cosine decay reaching 0 at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 / AMX), where bf16 autocast pays off."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_mixed_precision(train_config: TrainConfig) -> str:
+    """``auto``: bf16 on CUDA and on CPUs with native bf16 matmuls, full fp32 otherwise."""
+    if train_config.mixed_precision != "auto":
+        return train_config.mixed_precision
+    if train_config.use_gpu:
+        return "bf16" if torch.cuda.is_available() else "no"
+    return "bf16" if cpu_has_fast_bf16() else "no"
+
+
+# --------------------------------------------------------------------------------------------
+# Across ranks
+# --------------------------------------------------------------------------------------------
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def reduce_sums(totals: dict[str, float]) -> dict[str, float]:
+    """Each key summed over ranks (unchanged outside a process group)."""
+    if not _distributed():
+        return totals
+    keys = sorted(totals)
+    tensor = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return dict(zip(keys, tensor.tolist()))
+
+
+def replicas_in_sync(model: torch.nn.Module) -> bool:
+    """True when every rank holds the same weights: the proof that gradients were averaged.
+
+    (Seen on this stack: a plain ``Accelerator()`` in Ray Train CPU workers trained each worker
+    alone, silently.) Compares a weight checksum's min and max over ranks.
+    """
+    if not _distributed():
+        return True
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().cpu()
+    low, high = checksum.clone(), checksum.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    return bool(torch.isclose(low, high, rtol=1e-9, atol=1e-9))
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+def _log_q(train_config: TrainConfig, item_counts: np.ndarray, device: torch.device) -> torch.Tensor | None:
+    """Log sampling probabilities of the sampled-softmax negatives (its log-q correction)."""
+    if train_config.loss != "sampled":
+        return None
+    counts = torch.tensor(np.asarray(item_counts), dtype=torch.float64) + 1.0
+    if train_config.negatives == "uniform":          # a constant log-q: the correction cancels
+        counts = torch.ones_like(counts)
+    counts[0] = 0.0
+    return (counts / counts.sum()).log().float().to(device)
+
+
+def _restore(model: SeqRecModel, optimizer: torch.optim.Optimizer, rank: int
+             ) -> tuple[TrainingState | None, dict[str, torch.Tensor]]:
+    """The state of the run's latest checkpoint, loaded into ``model`` and ``optimizer`` (after a fault)."""
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return None, {k: v.clone() for k, v in model.state_dict().items()}
+    with checkpoint.as_directory() as directory:
+        saved = load_checkpoint(directory)
+    model.load_state_dict(saved.weights)
+    optimizer.load_state_dict(saved.optimizer)
+    log.info("rank %d resumed from epoch %d", rank, saved.state.epoch)
+    return saved.state, saved.best_weights
+
+
+def _train_epoch(model, core, optimizer, scheduler, accelerator, batches, train_config: TrainConfig,
+                 log_q, out_of_softmax) -> dict[str, float]:
+    """One pass over this rank's shard; returns its sums (loss, steps, rows)."""
+    model.train()
+    loss_sum, steps, rows_trained = 0.0, 0, 0
+    for batch in batches:
+        with accelerator.autocast():
+            loss = training_step_loss(model, core, batch["items"], batch["event_types"], train_config, log_q,
+                                      out_of_softmax)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.item()
+        steps += 1
+        rows_trained += len(batch["items"])
+    return {"loss_sum": loss_sum, "steps": float(steps), "rows": float(rows_trained)}
+
+
+def _report(rank: int, metrics: dict[str, Any], state: TrainingState, core: SeqRecModel,
+            best_weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+    """Every rank reports its metrics; only rank 0 attaches the checkpoint (Ray Train's rule)."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        save_checkpoint(directory, state, weights=core.state_dict(), best_weights=best_weights,
+                        optimizer=optimizer.state_dict())
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def train_loop_per_worker(inputs: WorkerInputs) -> None:
+    from accelerate import Accelerator
+
+    train_config = inputs.train_config
+    if train_config.torch_threads:
+        torch.set_num_threads(train_config.torch_threads)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(train_config.seed + rank)
+    mixed = resolve_mixed_precision(train_config)
+    # cpu=True on CPU workers: without it Accelerate skipped gradient sync under Ray Train.
+    accelerator = Accelerator(cpu=not train_config.use_gpu, mixed_precision=mixed)
+    device = accelerator.device
+
+    model = SeqRecModel(SeqRecConfig(**inputs.model_config))
+    model.load_state_dict(ray.get(inputs.initial_state))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr,
+                                  weight_decay=train_config.weight_decay, betas=(0.9, 0.98))
+    restored, best_weights = _restore(model, optimizer, rank)
+    state = restored or TrainingState(epoch=-1, best=-1.0, best_epoch=-1)
+    start_epoch = state.epoch + 1
+
+    per_worker_batch = max(1, train_config.batch_size // world)
+    steps_per_epoch = -(-inputs.train_rows // (per_worker_batch * world))
+    done_steps = start_epoch * steps_per_epoch                     # a restored run resumes its schedule
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        done_steps + step, train_config.warmup_steps, train_config.epochs * steps_per_epoch,
+        train_config.lr_schedule))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core = accelerator.unwrap_model(model)
+    log_q = _log_q(train_config, inputs.item_counts, device)
+    out_of_softmax = None
+    if core.config.text_dim and train_config.loss == "ce":
+        out_of_softmax = torch.from_numpy(never_trained(np.asarray(inputs.item_counts))).to(device)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    patience_left = train_config.patience
+    for epoch in range(start_epoch, train_config.epochs):
+        started = time.perf_counter()
+        batches = train_shard.iter_torch_batches(
+            batch_size=per_worker_batch, dtypes=torch.long, device=str(device),
+            local_shuffle_buffer_size=per_worker_batch * 4,
+            local_shuffle_seed=train_config.seed + epoch * 131 + rank)
+        sums = _train_epoch(model, core, optimizer, scheduler, accelerator, batches, train_config, log_q,
+                            out_of_softmax)
+        train_s = time.perf_counter() - started
+        sums = reduce_sums(sums)
+        metrics = {"epoch": epoch, "train_loss": sums["loss_sum"] / max(sums["steps"], 1.0),
+                   "train_seq_per_s": sums["rows"] / max(train_s, 1e-9),
+                   "replicas_in_sync": replicas_in_sync(core)}
+        if (epoch + 1) % train_config.eval_every == 0 or epoch == train_config.epochs - 1:
+            val_batches = val_shard.iter_torch_batches(batch_size=VALIDATION_BATCH_ROWS, dtypes=torch.long)
+            val_sums = evaluate_batches(core, val_batches, inputs.ks, device, bf16=mixed == "bf16")
+            metrics.update(means(reduce_sums(val_sums), "val_"))
+            if metrics[SELECTION_METRIC] > state.best:
+                state.best, state.best_epoch = metrics[SELECTION_METRIC], epoch
+                patience_left = train_config.patience
+                best_weights = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+            else:
+                patience_left -= 1                 # patience counts validations, all ranks alike
+        metrics["epoch_s"] = time.perf_counter() - started
+        state.epoch = epoch
+        state.history.append(metrics)
+        state.done = patience_left <= 0 or epoch == train_config.epochs - 1
+        _report(rank, metrics, state, core, best_weights, optimizer)
+        if state.done:
+            break
