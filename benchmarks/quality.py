@@ -104,7 +104,7 @@ def row_of(name: str, metrics: dict, epochs: int | None, wall_s: float | None, *
 def train_and_evaluate(storage, sequences, config, label: str, eval_sets: dict[str, pa.Table]) -> dict:
     """Train ``config`` on ``sequences``; evaluate on each named table of ``eval_sets`` (test split)."""
     from seqrec.evaluate import evaluate
-    from seqrec.nightly import text_features_for
+    from seqrec.candidate import text_features_for
     from seqrec.training import train
 
     started = time.perf_counter()

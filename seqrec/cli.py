@@ -170,31 +170,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train":
         from seqrec import artifact
-        from seqrec.evaluate import evaluate, summary_table
-        from seqrec.nightly import candidate_artifact, train_candidate
+        from seqrec.candidate import train_candidate
+        from seqrec.data import SEQUENCE_COLUMNS
+        from seqrec.evaluate import summary_table
         from seqrec.prepare import read_sequences
 
-        sequences = read_sequences(storage, date, columns=["user_id", "item_ids", "event_types"])
-        parent_version = artifact.promoted_version(storage)
-        parent = artifact.load(storage, parent_version) if parent_version and config.train.warm_start else None
-        version = artifact.new_version(date)
-        result = train_candidate(storage, date, config, sequences, parent, version)
-        metrics = evaluate(result.model, result.vocab, sequences, config.eval)
-        print(summary_table(metrics, "val"), summary_table(metrics, "test"), sep="\n")
-        artifact.save(storage, candidate_artifact(storage, date, config, result, version,
-                                                  parent_version if parent else None, metrics))
+        sequences = read_sequences(storage, date, columns=SEQUENCE_COLUMNS)
+        candidate = train_candidate(storage, date, config, sequences)
+        print(summary_table(candidate.metrics, "val"), summary_table(candidate.metrics, "test"), sep="\n")
         if args.promote:
-            artifact.promote(storage, version, "promoted by hand (seqrec train --promote)")
-        print(f"model {version}: {storage.uri('models', version)}")
+            artifact.promote(storage, candidate.version, "promoted by hand (seqrec train --promote)")
+        print(f"model {candidate.version}: {candidate.location}")
         return 0
     if args.command == "evaluate":
         from seqrec import artifact
         from seqrec.evaluate import evaluate, summary_table
+        from seqrec.data import SEQUENCE_COLUMNS
         from seqrec.prepare import read_sequences
 
         version = _model_version(storage, args.model)
         model = artifact.load(storage, version)
-        sequences = read_sequences(storage, date, columns=["user_id", "item_ids", "event_types"])
+        sequences = read_sequences(storage, date, columns=SEQUENCE_COLUMNS)
         metrics = evaluate(model.model, model.vocab, sequences, config.eval)
         print(summary_table(metrics, "val"), summary_table(metrics, "test"), sep="\n")
         return 0

@@ -15,6 +15,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+# What the model stages read of a stored sequence (prepare also writes the aligned ``ts``).
+SEQUENCE_COLUMNS = ["user_id", "item_ids", "event_types"]
+
 
 @dataclass
 class Vocabulary:

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import time
 
 import ray
 
 from seqrec.storage import s3_endpoint
 
 log = logging.getLogger("seqrec")
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], stage: str):
+    """Log the start of ``stage`` and record its wall seconds in ``timings``."""
+    started = time.perf_counter()
+    log.info("== %s ==", stage)
+    yield
+    timings[stage] = round(time.perf_counter() - started, 2)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -24,8 +24,9 @@ import pyarrow.parquet as pq
 import torch
 
 from seqrec import artifact as artifacts
+from seqrec.catalogue import read_catalogue
 from seqrec.config import ScoreConfig
-from seqrec.data import Vocabulary, encode, longest
+from seqrec.data import SEQUENCE_COLUMNS, Vocabulary, encode, longest
 from seqrec.publish import publish_partition
 from seqrec.ranking import rank_unseen
 from seqrec.model import query_inputs
@@ -33,7 +34,6 @@ from seqrec.storage import Storage, read_parquet_batches
 
 log = logging.getLogger("seqrec.score")
 
-COLUMNS = ["user_id", "item_ids", "event_types"]
 # Users per forward pass on CPU: the (rows, T, 4H) MLP activations then stay in cache. Measured
 # (T=50, H=64, 2 layers, one thread): 128 rows 68 GFLOP/s, 256 rows 58, 1024 rows 41.
 CPU_FORWARD_ROWS = 128
@@ -51,24 +51,21 @@ def output_schema(user_type: pa.DataType, item_type: pa.DataType) -> pa.Schema:
 
 
 def unavailable_items(storage: Storage, vocab: Vocabulary) -> np.ndarray:
-    """(N+1,) bool: items the catalogue marks unavailable (never recommended); padding included."""
-    excluded = np.zeros(vocab.num_items + 1, dtype=bool)
-    excluded[0] = True
-    if storage.exists("items") and storage.list_files("items", suffix=".parquet"):
-        catalogue = pa.concat_tables([pq.read_table(f, filesystem=storage.filesystem)
-                                      for f in storage.list_files("items", suffix=".parquet")],
-                                     promote_options="permissive")
-        if "available" in catalogue.column_names:
-            off = catalogue.filter(pc.invert(pc.fill_null(catalogue["available"], True)))["item_id"]
-            index = vocab.lookup(off)
-            excluded[index[index > 0]] = True
-    return excluded
+    """(N+1,) bool: items never recommended: the catalogue's unavailable ones, and padding."""
+    unavailable = np.zeros(vocab.num_items + 1, dtype=bool)
+    unavailable[0] = True
+    catalogue = read_catalogue(storage)
+    if catalogue is not None and "available" in catalogue.column_names:
+        off = catalogue.filter(pc.invert(pc.fill_null(catalogue["available"], True)))["item_id"]
+        index = vocab.lookup(off)
+        unavailable[index[index > 0]] = True
+    return unavailable
 
 
 class Recommender:
     """Ray Data actor: one model per actor, ``__call__`` maps a batch of sequences to top-k."""
 
-    def __init__(self, root: str, version: str, k: int, excluded: np.ndarray, generated_at: dt.datetime,
+    def __init__(self, root: str, version: str, k: int, never_recommend: np.ndarray, generated_at: dt.datetime,
                  torch_threads: int = 1, item_chunk: int = 16384, device: str = "cpu"):
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -84,7 +81,7 @@ class Recommender:
         config = self.model.config
         with torch.inference_mode():
             self.items = self.model.item_table()[: config.num_items + 1].contiguous()   # held once per actor
-        self.excluded = torch.from_numpy(excluded.copy()).to(self.device)
+        self.never_recommend = torch.from_numpy(never_recommend.copy()).to(self.device)
         self.popularity = torch.from_numpy(self.vocab.popularity()).to(self.device)
 
     def _finish(self, ranked_scores: torch.Tensor, ranked_indices: torch.Tensor) -> tuple[pa.Array, pa.Array]:
@@ -99,7 +96,7 @@ class Recommender:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         config = self.model.config
-        # The whole stored history is excluded; the model reads its newest max_len items.
+        # The whole stored history is masked; the model reads its newest max_len items.
         enc = encode(batch, self.vocab, max(config.max_len, longest(batch)))
         seen = torch.from_numpy(enc.items).to(self.device)
         history = seen[:, -config.max_len:]
@@ -110,12 +107,12 @@ class Recommender:
         with torch.inference_mode():
             queries = torch.cat([self.model.user_vectors(inputs[i:i + rows], input_types[i:i + rows])
                                  for i in range(0, max(len(inputs), 1), rows)]).to(self.items.dtype)
-        ranked = rank_unseen(queries, self.items, seen, self.k, excluded=self.excluded, chunk_size=self.item_chunk)
+        ranked = rank_unseen(queries, self.items, seen, self.k, excluded=self.never_recommend, chunk_size=self.item_chunk)
         scores, indices = ranked.scores, ranked.indices
         if not bool(has_history.all()):
             cold = ~has_history
             fallback = rank_unseen(torch.ones(int(cold.sum()), 1, device=self.device), self.popularity[:, None],
-                                   seen[cold], self.k, excluded=self.excluded)
+                                   seen[cold], self.k, excluded=self.never_recommend)
             scores, indices = scores.clone(), indices.clone()
             scores[cold], indices[cold] = fallback.scores.to(scores.dtype), fallback.indices
         items, item_scores = self._finish(scores, indices)
@@ -149,9 +146,10 @@ def score(storage: Storage, date: str, version: str, config: ScoreConfig) -> Sco
         raise FileNotFoundError(f"no sequences for {date} under {storage.uri('sequences')}; run prepare first")
     # Only the artifact's vocabulary is needed on the driver (for the availability mask).
     probe = artifacts.load(storage, version, cache_dir=tempfile.mkdtemp(prefix="seqrec-probe-"))
-    excluded = unavailable_items(storage, probe.vocab)
+    never_recommend = unavailable_items(storage, probe.vocab)
     # Column projection: event types are decoded only for a model that embeds them.
-    columns = COLUMNS if probe.model.config.num_event_types else [c for c in COLUMNS if c != "event_types"]
+    columns = SEQUENCE_COLUMNS if probe.model.config.num_event_types else \
+        [c for c in SEQUENCE_COLUMNS if c != "event_types"]
     use_gpu = config.gpus_per_actor > 0
     # Each file is read `rows_per_block` users at a time (see read_parquet_batches), and blocks are cut
     # to at most that many rows by *streaming* repartition, so that every actor gets work and memory
@@ -166,7 +164,7 @@ def score(storage: Storage, date: str, version: str, config: ScoreConfig) -> Sco
     dataset = dataset.repartition(target_num_rows_per_block=rows_per_block)
     recommendations = dataset.map_batches(
         Recommender,
-        fn_constructor_kwargs=dict(root=storage.root, version=version, k=config.k, excluded=excluded,
+        fn_constructor_kwargs=dict(root=storage.root, version=version, k=config.k, never_recommend=never_recommend,
                                    generated_at=started_at, torch_threads=config.torch_threads,
                                    item_chunk=config.item_chunk, device="cuda" if use_gpu else "cpu"),
         batch_size=config.batch_size,

@@ -35,9 +35,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import torch
 
+from seqrec.catalogue import read_catalogue
 from seqrec.data import Vocabulary
 from seqrec.storage import Storage, retry
 
@@ -174,12 +174,10 @@ def append_cached(storage: Storage, key: str, computed: pa.Table) -> None:
 # --------------------------------------------------------------------------------------------
 def read_catalogue_texts(storage: Storage) -> pa.Table:
     """(item_id, text) of every catalogue row; text stripped, empty text as null."""
-    files = storage.list_files("items", suffix=".parquet")
-    if not files:
+    catalogue = read_catalogue(storage)
+    if catalogue is None:
         raise FileNotFoundError(f"model.text_encoder is set but there is no item catalogue at "
                                 f"{storage.uri('items')}/*.parquet (columns item_id, text)")
-    tables = [pq.read_table(f, filesystem=storage.filesystem) for f in files]
-    catalogue = pa.concat_tables(tables, promote_options="permissive")
     if "text" not in catalogue.column_names:
         raise ValueError(f"the item catalogue at {storage.uri('items')} has no 'text' column")
     text = pc.utf8_trim_whitespace(catalogue["text"].cast(pa.string()))

@@ -82,7 +82,7 @@ def test_scoring_never_recommends_an_item_seen_before_the_models_context(tmp_pat
     storage = Storage(str(tmp_path))
     vocab = vocabulary()
     save(storage, Artifact(version="v1", model=tiny_model(), vocab=vocab, metrics={}, manifest={}))
-    recommender = Recommender(str(tmp_path), "v1", k=NUM_ITEMS, excluded=np.zeros(NUM_ITEMS + 1, dtype=bool),
+    recommender = Recommender(str(tmp_path), "v1", k=NUM_ITEMS, never_recommend=np.zeros(NUM_ITEMS + 1, dtype=bool),
                               generated_at=dt.datetime.now(dt.timezone.utc))
     sequences = long_histories(users=5, seed=1)
     out = recommender(sequences)

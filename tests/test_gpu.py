@@ -37,7 +37,7 @@ def test_gpu_training_and_bf16_scoring_agree_with_cpu(ray_local, tmp_path):
     config = load_config("configs/demo.yaml", ["train.use_gpu=true", "train.num_workers=1", "train.epochs=3",
                                                "train.patience=3", "model.max_len=30", "score.cpus_per_actor=0.5"])
     sequences = read_sequences(storage, SPEC.end_date, columns=["user_id", "item_ids", "event_types"])
-    from seqrec.train import train
+    from seqrec.training import train
 
     result = train(storage, sequences, model_config=config.model, train_config=config.train,
                    prepare_config=config.prepare, run_name="train-gpu")

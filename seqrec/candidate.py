@@ -1,0 +1,88 @@
+"""One path to a candidate model: train -> evaluate -> artifact -> save.
+
+Both ``seqrec train`` and the nightly job call :func:`train_candidate`, so a candidate is made the
+same way whichever started it, with one warm-start rule: fine-tune from the promoted model when
+there is one and ``train.warm_start`` is set.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from seqrec import artifact as artifacts
+from seqrec.config import Config
+from seqrec.evaluate import evaluate
+from seqrec.runtime import timed
+from seqrec.storage import Storage
+from seqrec.training import TrainResult, train
+
+log = logging.getLogger("seqrec.candidate")
+
+
+@dataclass
+class Candidate:
+    version: str
+    result: TrainResult
+    metrics: dict[str, Any]                     # the candidate's evaluation (val and test)
+    live_version: str | None                    # the promoted model when the candidate was made
+    live: artifacts.Artifact | None             # loaded when warm-started from or compared with
+    live_metrics: dict[str, Any] | None         # the live model's validation metrics, when compared
+    parent: str | None                          # the model it was warm-started from
+    location: str                               # where the artifact was saved
+
+
+def text_features_for(config: Config, storage: Storage):
+    """The item-text feature function for training, or None when the model is id-only."""
+    if not config.model.text_encoder:
+        return None
+    from seqrec.text import item_text_features
+
+    return lambda vocab: item_text_features(storage, vocab, config.model.text_encoder)
+
+
+def candidate_artifact(storage: Storage, date: str, config: Config, result: TrainResult, version: str,
+                       parent: str | None, metrics: dict[str, Any]) -> artifacts.Artifact:
+    """The trained candidate with its metrics and manifest (data snapshot, parent, code, config)."""
+    return artifacts.Artifact(
+        version=version, model=result.model, vocab=result.vocab,
+        metrics={**metrics, "best_epoch": result.best_epoch, "history": result.history},
+        manifest={"training_data": storage.uri("sequences", f"dt={date}"), "parent": parent,
+                  "code_version": artifacts.code_version(),
+                  "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                  "config": config.to_dict(), "train_run": storage.uri("runs", result.run_name)},
+    )
+
+
+def train_candidate(storage: Storage, date: str, config: Config, sequences: pa.Table, *,
+                    compare_with_live: bool = False, timings: dict[str, float] | None = None) -> Candidate:
+    """Train a candidate on the night's ``sequences``, evaluate it and save it under ``models/``.
+
+    ``compare_with_live`` also evaluates the promoted model on the same validation targets (the
+    promotion gate's input). ``timings`` collects the ``train`` and ``evaluate`` wall seconds.
+    """
+    timings = {} if timings is None else timings
+    live_version = artifacts.promoted_version(storage)
+    wanted = live_version and (config.train.warm_start or compare_with_live)
+    live = artifacts.load(storage, live_version) if wanted else None
+    parent = live if config.train.warm_start else None
+    version = artifacts.new_version(date)
+    with timed(timings, "train"):
+        result = train(storage, sequences, model_config=config.model, train_config=config.train,
+                       prepare_config=config.prepare, run_name=f"train-{version}", parent=parent,
+                       text_features_fn=text_features_for(config, storage), ks=config.eval.ks)
+    with timed(timings, "evaluate"):
+        metrics = evaluate(result.model, result.vocab, sequences, config.eval)
+        live_metrics = None
+        if compare_with_live and live is not None:
+            live_metrics = evaluate(live.model, live.vocab, sequences, config.eval, splits=("val",))
+    parent_version = live_version if parent is not None else None
+    location = artifacts.save(storage, candidate_artifact(
+        storage, date, config, result, version, parent_version,
+        {**metrics, "live_val": live_metrics["val"] if live_metrics else None}))
+    return Candidate(version=version, result=result, metrics=metrics, live_version=live_version, live=live,
+                     live_metrics=live_metrics, parent=parent_version, location=location)
