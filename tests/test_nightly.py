@@ -102,3 +102,18 @@ def test_second_night_warm_starts_and_gates(night, demo_config):
     table = read_partition(storage, "recommendations", first.date)
     assert table.num_rows == first.recommendations.rows
     assert len(pc.unique(table["user_id"])) == table.num_rows
+
+
+def test_seqrec_train_makes_a_candidate_the_nightly_way(night, capsys):
+    """`seqrec train` takes the nightly's path: warm-started from the promoted model, saved, not promoted."""
+    from seqrec.cli import main
+
+    storage, first = night
+    live = artifact.promoted_version(storage)
+    assert main(["train", "--root", storage.root, "--date", first.date, "--config", "configs/demo.yaml",
+                 "--set", "train.epochs=1", "--set", "model.max_len=30", "--set", "prepare.max_len=30"]) == 0
+    version = capsys.readouterr().out.strip().splitlines()[-1].split()[1].rstrip(":")
+    candidate = artifact.load(storage, version)
+    assert candidate.manifest["parent"] == live
+    assert set(candidate.metrics) >= {"val", "test", "live_val", "history"}
+    assert artifact.promoted_version(storage) == live
