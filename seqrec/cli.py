@@ -11,8 +11,9 @@ import datetime as dt
 import json
 import logging
 import sys
+from pathlib import Path
 
-from seqrec.config import Config, load_config
+from seqrec.config import Config, fields_set, load_config
 from seqrec.storage import Storage
 
 log = logging.getLogger("seqrec")
@@ -51,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="first write the embedded synthetic dataset under the root (ending on --date)")
     p.add_argument("--show", type=int, default=5, help="print this many recommendation rows at the end")
+
+    p = sub.add_parser("tune", help="search training settings on validation (Ray Tune); writes the chosen config")
+    _common(p)
+    p.add_argument("--name", default=None,
+                   help="experiment under tune/ (default: the date); running the same name again resumes it")
+    p.add_argument("--budget-minutes", type=float, default=60.0, help="wall clock for the search (default: 60)")
+    p.add_argument("--trials", type=int, default=16, help="settings to try, budget permitting (default: 16)")
+    p.add_argument("--concurrency", type=int, default=0, help="trials at once (default: as the cluster's CPUs allow)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the chosen config to this local YAML file")
 
     p = sub.add_parser("prepare", help="events -> per-user sequences; bad rows to quarantine/")
     _common(p)
@@ -163,10 +174,27 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "date", None) is None:
                 date = SyntheticSpec().end_date
             write_synthetic(storage, SyntheticSpec(end_date=date))
-        result = run_nightly(storage, date, config)
+        result = run_nightly(storage, date, config, explicit=fields_set(args.config, args.overrides))
         print(f"\nnight {date}: {result.decision}")
         print(f"report: {result.report}")
         show(storage, date, args.show)
+        return 0
+    if args.command == "tune":
+        from seqrec.tune import TuneSettings, search, table
+
+        settings = TuneSettings(name=args.name or date, budget_minutes=args.budget_minutes, trials=args.trials,
+                                concurrency=args.concurrency, seed=args.seed)
+        report = search(storage, date, config, settings, fixed=fields_set(None, args.overrides),
+                        explicit=fields_set(args.config, args.overrides))
+        print(table(report.trials, list(report.space)))
+        print(f"\npreset {report.preset}; {len(report.trials)} trials in {report.wall_minutes:.1f} min"
+              f"{' (restored)' if report.restored else ''}; best val NDCG@10 {report.best.val_ndcg:.4f}")
+        if args.out:
+            Path(args.out).write_bytes(storage.read_bytes("tune", settings.name, "chosen.yaml"))
+            print(f"chosen config: {args.out} (and {report.chosen_config})")
+        else:
+            print(f"chosen config: {report.chosen_config}")
+        print(f"report: {storage.uri('tune', settings.name, 'report.json')}")
         return 0
     if args.command == "train":
         from seqrec import artifact

@@ -7,6 +7,7 @@ Unknown keys are an error (a typo must not silently fall back to a default).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import asdict, dataclass, field, fields
@@ -203,3 +204,84 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 def config_json(config: Config) -> str:
     return json.dumps(config.to_dict(), sort_keys=True)
+
+
+def apply_overrides(config: Config, values: dict[str, Any]) -> Config:
+    """A copy of ``config`` with ``{"section.field": value}`` set (typed values, checked as in files)."""
+    out = copy.deepcopy(config)
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        _update(out, {section: {name: value}}, "")
+    return out
+
+
+def fields_set(path: str | Path | None = None, overrides: list[str] | None = None) -> set[str]:
+    """``section.field`` names a YAML file and ``--set`` overrides give explicitly (they always win)."""
+    names: set[str] = set()
+    data = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+    for section, values in data.items() if isinstance(data, dict) else ():
+        names.update(f"{section}.{key}" for key in (values or {}))
+    names.update(item.partition("=")[0].strip() for item in overrides or [])
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# Settings from the data's shape
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DataShape:
+    """What the right recipe depends on, measured on the prepared sequences (``seqrec.data.data_shape``)."""
+
+    users: int
+    items: int
+    interactions: int
+    length_p50: float
+    length_p95: float
+    length_max: int
+    event_types: int = 1
+
+    @property
+    def interactions_per_item(self) -> float:
+        return self.interactions / max(self.items, 1)
+
+
+# model.max_len candidates: SASRec's 50 (Amazon) to 200 (ML-1M); shorter saves little on sparse data.
+CONTEXT_LENGTHS = (50, 100, 200)
+LARGE_CATALOGUE = 20_000                   # items; above it the full softmax dominates each step
+
+
+def context_length(shape: DataShape) -> int:
+    """The shortest candidate that holds 95% of the histories whole."""
+    return next((n for n in CONTEXT_LENGTHS if n >= shape.length_p95), CONTEXT_LENGTHS[-1])
+
+
+def suggest(shape: DataShape) -> dict[str, Any]:
+    """Settings for a dataset nobody tuned, as ``{"section.field": value}``.
+
+    Each rule follows a recipe measured on validation in ``benchmarks/configs/`` (one member):
+    short, sparse histories (Amazon categories: median under 20 items, under 30 interactions per
+    item) get beauty.yaml's one block, dropout 0.2 and patience 8; long, dense ones (median 50 and
+    more, ML-1M) get ml-1m.yaml's two blocks, dropout 0.1 and patience 10. A catalogue above
+    ``LARGE_CATALOGUE`` items trains on sampled softmax over 4,096 uniform negatives (beauty.yaml:
+    the quality of the full softmax in a third of the time). Data of neither kind keeps the defaults.
+    """
+    out: dict[str, Any] = {"model.max_len": context_length(shape)}
+    if shape.event_types <= 1:
+        out["model.use_event_types"] = False      # one type carries no signal
+    if shape.items > LARGE_CATALOGUE:
+        out.update({"train.loss": "sampled", "train.negatives": "uniform", "train.num_negatives": 4096})
+    if shape.length_p50 < 20 and shape.interactions_per_item < 30:
+        out.update({"model.num_layers": 1, "model.dropout": 0.2, "train.patience": 8})
+    elif shape.length_p50 >= 50:
+        out.update({"model.num_layers": 2, "model.dropout": 0.1, "train.patience": 10})
+    return out
+
+
+def suggested(config: Config, shape: DataShape, explicit: set[str]) -> dict[str, Any]:
+    """The suggestions for fields the user did not set that change ``config``."""
+    out = {}
+    for key, value in suggest(shape).items():
+        section, _, name = key.partition(".")
+        if key not in explicit and section not in explicit and getattr(getattr(config, section), name) != value:
+            out[key] = value
+    return out

@@ -15,6 +15,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from seqrec.config import DataShape
+
 # What the model stages read of a stored sequence (prepare also writes the aligned ``ts``).
 SEQUENCE_COLUMNS = ["user_id", "item_ids", "event_types"]
 
@@ -180,3 +182,17 @@ def encode(batch: pa.Table, vocab: Vocabulary, width: int, drop_last: int = 0, w
 def longest(sequences: pa.Table) -> int:
     """Length of the longest ``item_ids`` list (0 for no rows)."""
     return int(pc.max(pc.list_value_length(sequences["item_ids"])).as_py() or 0)
+
+
+def data_shape(sequences: pa.Table) -> DataShape:
+    """Users, catalogue, interactions and history lengths of prepared sequences (for ``config.suggest``)."""
+    lengths = pc.list_value_length(sequences["item_ids"]).to_numpy(zero_copy_only=False)
+    flat, _ = list_parts(sequences["item_ids"])
+    types = 1
+    if "event_types" in sequences.column_names:
+        type_values, _ = list_parts(sequences["event_types"])
+        types = len(pc.unique(type_values))
+    p50, p95 = np.percentile(lengths, [50, 95]) if len(lengths) else (0.0, 0.0)
+    return DataShape(users=sequences.num_rows, items=len(pc.unique(flat)), interactions=int(lengths.sum()),
+                     length_p50=float(p50), length_p95=float(p95), length_max=int(lengths.max(initial=0)),
+                     event_types=types)

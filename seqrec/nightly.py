@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from seqrec import artifact as artifacts
 from seqrec.candidate import Candidate, train_candidate
-from seqrec.config import Config
-from seqrec.data import SEQUENCE_COLUMNS
+from seqrec.config import Config, apply_overrides, suggested
+from seqrec.data import SEQUENCE_COLUMNS, data_shape
 from seqrec.evaluate import not_worse, summary_table
 from seqrec.prepare import PrepareReport, prepare, read_sequences
 from seqrec.report import write_report
@@ -55,12 +56,31 @@ def promotion_decision(candidate: Candidate, tolerance: float) -> tuple[bool, st
                       f"than live {live_ndcg:.4f} by more than the tolerance {tolerance}")
 
 
-def run_nightly(storage: Storage, date: str, config: Config) -> NightlyResult:
+def suggest_settings(config: Config, sequences, explicit: set[str]) -> tuple[Config, dict[str, Any]]:
+    """``config`` with :func:`seqrec.config.suggest`'s settings for this data in the fields the user
+    did not set (``explicit``), and those changes (logged, printed and kept in the report)."""
+    shape = data_shape(sequences)
+    changes = suggested(config, shape, explicit)
+    if changes:
+        message = (f"settings from the data's shape ({shape.users} users, {shape.items} items, median history "
+                   f"{shape.length_p50:.0f}, p95 {shape.length_p95:.0f}; fields you set are kept): "
+                   + ", ".join(f"{k}={v}" for k, v in changes.items()))
+        log.info(message)
+        print(f"seqrec nightly: {message}", file=sys.stderr)
+    return apply_overrides(config, changes), changes
+
+
+def run_nightly(storage: Storage, date: str, config: Config, explicit: set[str] | None = None) -> NightlyResult:
+    """The night for ``date``. With ``explicit`` (the fields the user set), the fields outside it take
+    the settings suggested by the data's shape; None keeps ``config`` as given."""
     timings: dict[str, float] = {}
     started_at = dt.datetime.now(dt.timezone.utc)
     with timed(timings, "prepare"):
         prepared = prepare(storage, date, config.prepare)
         sequences = read_sequences(storage, date, columns=SEQUENCE_COLUMNS)
+    suggestions: dict[str, Any] = {}
+    if explicit is not None:
+        config, suggestions = suggest_settings(config, sequences, explicit)
 
     candidate = train_candidate(storage, date, config, sequences, compare_with_live=True, timings=timings)
     promoted, decision = promotion_decision(candidate, config.eval.promote_tolerance)
@@ -83,7 +103,7 @@ def run_nightly(storage: Storage, date: str, config: Config) -> NightlyResult:
                         "live": live_metrics["val"]["model"]["ndcg@10"] if live_metrics else None,
                         "popularity": candidate.metrics["val"]["popularity"]["ndcg@10"]},
         "candidate_metrics": candidate.metrics, "live_metrics": live_metrics,
-        "recommendations": asdict(scored), "config": config.to_dict(),
+        "recommendations": asdict(scored), "config": config.to_dict(), "suggested_settings": suggestions,
     }
     location = write_report(storage, report, candidate.result.history)
     return NightlyResult(date=date, candidate=candidate.version, live_model=live, promoted=promoted,

@@ -27,7 +27,7 @@ def timed(timings: dict[str, float], stage: str):
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "filelock", "matplotlib"):
+    for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "filelock", "matplotlib", "tensorboardX"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

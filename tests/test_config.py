@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from seqrec.config import Config, TrainConfig, check_choices, config_from_dict, config_json, load_config
+from seqrec.config import (Config, DataShape, TrainConfig, apply_overrides, check_choices, config_from_dict,
+                           config_json, fields_set, load_config, suggest, suggested)
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -139,3 +140,41 @@ def test_choices_are_kept_and_checked_for_configs_built_in_code():
     check_choices(TrainConfig(), "train")
     with pytest.raises(ValueError, match=r"train.windows must be one of \['all', 'newest'\]"):
         check_choices(TrainConfig(windows="some"), "train")
+
+
+# Shapes of the benchmark files (seqrec.data.data_shape of their imported sequences).
+S3REC_BEAUTY = DataShape(users=22363, items=12101, interactions=198502, length_p50=6.0, length_p95=21.0,
+                         length_max=204)
+ML_1M = DataShape(users=6040, items=3416, interactions=999611, length_p50=96.0, length_p95=556.0, length_max=2277)
+BERT4REC_BEAUTY = DataShape(users=40226, items=54542, interactions=353962, length_p50=6.0, length_p95=20.0,
+                            length_max=293)
+
+
+def test_suggestions_follow_the_measured_recipes_for_each_kind_of_data():
+    beauty, ml = suggest(S3REC_BEAUTY), suggest(ML_1M)
+    assert beauty == {"model.max_len": 50, "model.use_event_types": False, "model.num_layers": 1,
+                      "model.dropout": 0.2, "train.patience": 8}                    # beauty.yaml, one member
+    assert ml == {"model.max_len": 200, "model.use_event_types": False, "model.num_layers": 2,
+                  "model.dropout": 0.1, "train.patience": 10}                       # ml-1m.yaml, one member
+    big = suggest(BERT4REC_BEAUTY)                                                   # 54k items
+    assert (big["train.loss"], big["train.negatives"], big["train.num_negatives"]) == ("sampled", "uniform", 4096)
+    medium = DataShape(users=1000, items=400, interactions=30_000, length_p50=30, length_p95=60, length_max=90,
+                       event_types=4)
+    assert suggest(medium) == {"model.max_len": 100}                                # the defaults otherwise
+    for suggestion in (beauty, ml, big):
+        apply_overrides(Config(), suggestion)                                        # all valid config values
+
+
+def test_suggestions_never_replace_what_the_user_set(tmp_path):
+    path = write(tmp_path, "model:\n  num_layers: 3\ntrain:\n  epochs: 4\n")
+    explicit = fields_set(path, ["model.dropout=0.4", "train.lr=0.01"])
+    assert explicit == {"model.num_layers", "train.epochs", "model.dropout", "train.lr"}
+    config = load_config(path, ["model.dropout=0.4", "train.lr=0.01"])
+    changes = suggested(config, S3REC_BEAUTY, explicit)
+    assert changes == {"model.max_len": 50, "model.use_event_types": False, "train.patience": 8}
+    applied = apply_overrides(config, changes)
+    assert (applied.model.num_layers, applied.model.dropout, applied.model.max_len) == (3, 0.4, 50)
+    assert config.model.max_len == 200                                               # the original is untouched
+    assert suggested(applied, S3REC_BEAUTY, explicit) == {}                          # nothing left to change
+    with pytest.raises(ValueError, match="train.lr_schedule"):
+        apply_overrides(config, {"train.lr_schedule": "linear"})                    # checked as files are

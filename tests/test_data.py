@@ -212,3 +212,13 @@ def test_lookup_matches_arrow_index_in_and_reuses_its_index(items, values, expec
     vocab = Vocabulary(items=items, event_types=["view"])
     assert vocab.lookup(values).tolist() == expected
     assert vocab.lookup(pa.chunked_array([values])).tolist() == expected      # second call: cached index
+
+
+def test_data_shape_of_sequences():
+    from seqrec.data import data_shape
+
+    sequences = pa.table({"item_ids": [[1, 2, 3], [2, 4], [5, 1, 2, 3, 4, 6], [7]],
+                          "event_types": [["view"] * 3, ["view", "cart"], ["view"] * 6, ["click"]]})
+    shape = data_shape(sequences)
+    assert (shape.users, shape.items, shape.interactions, shape.length_max, shape.event_types) == (4, 7, 12, 6, 3)
+    assert shape.length_p50 == 2.5 and shape.interactions_per_item == pytest.approx(12 / 7)

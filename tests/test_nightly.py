@@ -117,3 +117,22 @@ def test_seqrec_train_makes_a_candidate_the_nightly_way(night, capsys):
     assert candidate.manifest["parent"] == live
     assert set(candidate.metrics) >= {"val", "test", "live_val", "history"}
     assert artifact.promoted_version(storage) == live
+
+
+def test_a_night_without_settings_takes_them_from_the_data(capsys):
+    """Fields the user did not set follow the data's shape (printed); the ones they set are kept."""
+    import pyarrow as pa
+
+    from seqrec.config import load_config
+    from seqrec.nightly import suggest_settings
+
+    sequences = pa.table({"user_id": list(range(300)),
+                          "item_ids": [[(u + j) % 500 for j in range(3 + u % 8)] for u in range(300)],
+                          "event_types": [["interaction"] * (3 + u % 8) for u in range(300)]})
+    config = load_config(None, ["model.dropout=0.3"])
+    tuned, changes = suggest_settings(config, sequences, explicit={"model.dropout"})
+    assert changes == {"model.max_len": 50, "model.use_event_types": False, "model.num_layers": 1,
+                       "train.patience": 8}                                           # short, sparse histories
+    assert (tuned.model.max_len, tuned.model.num_layers, tuned.model.dropout) == (50, 1, 0.3)
+    assert "model.num_layers=1" in capsys.readouterr().err
+    assert suggest_settings(tuned, sequences, explicit={"model.dropout"})[1] == {}

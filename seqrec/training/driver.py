@@ -47,10 +47,13 @@ class TrainResult:
 def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, train_config: TrainConfig,
           prepare_config: PrepareConfig, run_name: str, parent: Artifact | None = None,
           text_features_fn: Callable[[Vocabulary], torch.Tensor] | None = None,
-          ks: list[int] | None = None) -> TrainResult:
+          ks: list[int] | None = None, runs_dir: str = "runs", callbacks: list | None = None) -> TrainResult:
     """Train on ``sequences`` (leave-one-out split) and return the best-on-validation model.
 
     ``parent`` (the promoted model) is warm-started from only when ``train_config.warm_start``.
+    The run's state lives under ``runs_dir/run_name`` below the storage root (a run of that name
+    that did not finish resumes from its latest checkpoint); ``callbacks`` are Ray Train
+    ``UserCallback``s (``seqrec tune`` passes one that reports each epoch to its Tune trial).
     """
     check_choices(train_config, "train")
     started = time.perf_counter()
@@ -71,8 +74,8 @@ def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, t
         train_rows=train_rows, item_counts=vocab.counts)
     log.info("training %s model: %d rows, %d items, %d workers, up to %d epochs -> run %s",
              model_config.kind, train_rows, vocab.num_items, train_config.num_workers, train_config.epochs,
-             storage.uri("runs", run_name))
-    state = _fit(storage, run_name, train_config, inputs, datasets, model)
+             storage.uri(runs_dir, run_name))
+    state = _fit(storage, runs_dir, run_name, train_config, inputs, datasets, model, callbacks)
     if model.text_projection is not None and train_config.cold_items == "learned":
         _place_cold_items(model, vocab, sequences, model_config, train_config)
     model.eval()
@@ -83,8 +86,8 @@ def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, t
                        best_val=best_val, run_name=run_name, wall_s=time.perf_counter() - started)
 
 
-def _fit(storage: Storage, run_name: str, train_config: TrainConfig, inputs: WorkerInputs,
-         datasets: dict[str, ray.data.Dataset], model: SeqRecModel):
+def _fit(storage: Storage, runs_dir: str, run_name: str, train_config: TrainConfig, inputs: WorkerInputs,
+         datasets: dict[str, ray.data.Dataset], model: SeqRecModel, callbacks: list | None):
     """Run the workers; load the best weights of the run's last checkpoint into ``model``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -97,7 +100,7 @@ def _fit(storage: Storage, run_name: str, train_config: TrainConfig, inputs: Wor
         scaling_config=ScalingConfig(num_workers=train_config.num_workers, use_gpu=train_config.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=run_name, storage_path=storage.path("runs"),
+            name=run_name, storage_path=storage.path(runs_dir), callbacks=callbacks,
             storage_filesystem=storage.filesystem if storage.is_s3 else None,
             failure_config=FailureConfig(max_failures=train_config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),

@@ -1,0 +1,86 @@
+"""seqrec tune: the search space from the data's shape, and a real search through Ray Tune + Train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seqrec.config import Config, DataShape, load_config
+from seqrec.tune import Choice, LogRange, preset, search_space
+
+BEAUTY = DataShape(users=22363, items=12101, interactions=198502, length_p50=6.0, length_p95=21.0, length_max=204)
+ML_1M = DataShape(users=6040, items=3416, interactions=999611, length_p50=96.0, length_p95=556.0, length_max=2277)
+HUGE = DataShape(users=40226, items=54542, interactions=353962, length_p50=6.0, length_p95=20.0, length_max=293)
+
+
+def test_the_preset_follows_the_data():
+    beauty, ml = search_space(BEAUTY), search_space(ML_1M)
+    assert (preset(BEAUTY), preset(ML_1M), beauty.preset) == ("short-sparse", "long-dense", "short-sparse")
+    assert beauty.fields["model.max_len"] == Choice((20, 50, 100))
+    assert ml.fields["model.max_len"] == Choice((100, 200))
+    assert ml.fields["model.num_layers"] == Choice((2, 3)) and beauty.fields["model.num_layers"] == Choice((1, 2))
+    assert "ce" in beauty.fields["train.loss"].values
+    assert search_space(HUGE).fields["train.loss"] == Choice(("sampled", "gbce"))    # no full softmax on 54k items
+    assert isinstance(beauty.fields["train.lr"], LogRange)
+    tiny = DataShape(users=50, items=40, interactions=500, length_p50=10, length_p95=18, length_max=20)
+    assert search_space(tiny).fields["train.num_negatives"] == Choice((20,))       # fewer negatives than items
+    assert "model.dropout" not in search_space(BEAUTY, fixed={"model.dropout"}).fields
+
+
+def test_the_starting_point_is_always_in_the_space():
+    config = load_config(None, ["train.lr=0.01", "model.dropout=0.25", "train.num_negatives=256"])
+    space = search_space(BEAUTY).including(config)
+    assert space.values_of(config)["model.dropout"] == 0.25
+    assert space.fields["model.dropout"] == Choice((0.1, 0.2, 0.25, 0.3, 0.5))
+    assert space.fields["train.lr"] == LogRange(3e-4, 0.01)
+    assert search_space(BEAUTY).including(Config()).fields["train.num_negatives"] == Choice((256, 1024, 4096))
+
+
+@pytest.mark.slow
+def test_a_budgeted_search_writes_a_config_that_loads_and_resumes(ray_local, tmp_path, capsys):
+    """Two trials of the real training stage (at once) under ASHA, then the same name again: restored."""
+    from seqrec.cli import main
+    from seqrec.prepare import prepare
+    from seqrec.storage import Storage
+    from seqrec.synthetic import SyntheticSpec, write_synthetic
+
+    storage = Storage(str(tmp_path / "root"))
+    spec = SyntheticSpec(num_users=300, num_items=60, days=2, end_date="2024-01-02", bad_rows=0)
+    write_synthetic(storage, spec)
+    prepare(storage, spec.end_date, load_config().prepare)
+    out = tmp_path / "chosen.yaml"
+    args = ["tune", "--root", storage.root, "--date", spec.end_date, "--name", "small", "--trials", "2",
+            "--budget-minutes", "9", "--concurrency", "2", "--out", str(out),
+            "--set", "train.epochs=2", "--set", "train.cpus_per_worker=0.5", "--set", "train.torch_threads=1",
+            "--set", "train.batch_size=64", "--set", "model.hidden_size=16", "--set", "train.num_workers=2"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(storage.read_bytes("tune", "small", "report.json"))
+    assert not report["restored"] and report["preset"] == "medium"
+    trials = report["trials"]
+    assert len(trials) == 2 and {t["stop"] for t in trials} <= {"completed", "cut", "patience"}
+    assert all(0 < t["val_ndcg"] <= 1 and 1 <= t["best_epoch"] <= t["epochs"] <= 2 for t in trials)
+    assert report["best"] == max(trials, key=lambda t: t["val_ndcg"])
+    assert "model.hidden_size" not in report["space"]                              # --set holds a field fixed
+    assert printed.count("\n") >= 4 and report["best"]["trial"] in printed          # the printed table
+    # The first trial is the starting point: the settings `seqrec nightly` would pick for this data.
+    assert any(t["params"]["model.max_len"] == 50 and t["params"]["train.lr"] == 0.001 for t in trials)
+
+    chosen = load_config(out)                                                      # what --config reads
+    for key, value in report["best"]["params"].items():
+        section, name = key.split(".")
+        assert getattr(getattr(chosen, section), name) == value
+    assert (chosen.model.hidden_size, chosen.train.num_workers, chosen.train.epochs) == (16, 2, 2)
+    assert yaml.safe_load(storage.read_bytes("tune", "small", "chosen.yaml")) == yaml.safe_load(out.read_text())
+    runs = Path(storage.path("tune", "small", "runs"))
+    assert sorted(p.name for p in runs.iterdir()) == sorted(t["trial"] for t in trials)   # each trial's run
+    checkpoints = sorted(str(p) for p in runs.rglob("checkpoint_*"))
+
+    assert main(args) == 0                                                         # same name: restored
+    again = json.loads(storage.read_bytes("tune", "small", "report.json"))
+    assert again["restored"]
+    assert [(t["trial"], t["val_ndcg"]) for t in again["trials"]] == [(t["trial"], t["val_ndcg"]) for t in trials]
+    assert sorted(str(p) for p in runs.rglob("checkpoint_*")) == checkpoints          # nothing trained again
