@@ -29,8 +29,8 @@ from typing import Any
 
 import ray
 
-from seqrec.config import (CONTEXT_LENGTHS, LARGE_CATALOGUE, Config, DataShape, apply_overrides, config_from_dict,
-                           context_length, suggested)
+from seqrec.config import (CONTEXT_LENGTHS, LARGE_CATALOGUE, Config, DataShape, apply_overrides,
+                           config_from_dict, context_length, suggested)
 from seqrec.data import data_shape
 from seqrec.prepare import InputError, read_sequences
 from seqrec.storage import Storage
@@ -116,18 +116,20 @@ def search_space(shape: DataShape, fixed: set[str] = frozenset()) -> SearchSpace
     lengths = lengths[max(at - 1, 0): at + 2]
     small = shape.interactions < 100_000
     negatives = tuple(n for n in (256, 1024, 4096) if n < shape.items) or (max(shape.items // 2, 1),)
+    losses = ("sampled", "gbce") if shape.items > LARGE_CATALOGUE else ("ce", "sampled", "gbce")
+    patience = {"short-sparse": (5, 8, 12), "long-dense": (5, 10), "medium": (3, 5, 8)}[kind]
     fields: dict[str, Choice | LogRange] = {
         "model.dropout": Choice((0.1, 0.2, 0.3) if kind == "long-dense" else (0.1, 0.2, 0.3, 0.5)),
         "model.hidden_size": Choice((32, 64) if small else (64, 128)),
         "model.num_layers": Choice({"short-sparse": (1, 2), "long-dense": (2, 3), "medium": (1, 2, 3)}[kind]),
         "model.num_heads": Choice((1, 2)),
         "model.max_len": Choice(lengths),
-        "train.loss": Choice(("sampled", "gbce") if shape.items > LARGE_CATALOGUE else ("ce", "sampled", "gbce")),
+        "train.loss": Choice(losses),
         "train.num_negatives": Choice(negatives),
         "train.negatives": Choice(("uniform", "popularity")),
         "train.lr": LogRange(3e-4, 3e-3),
         "train.weight_decay": Choice((0.0, 0.01, 0.1)),
-        "train.patience": Choice({"short-sparse": (5, 8, 12), "long-dense": (5, 10), "medium": (3, 5, 8)}[kind]),
+        "train.patience": Choice(patience),
     }
     return SearchSpace(preset=kind, fields={k: v for k, v in fields.items() if k not in fixed})
 
@@ -162,9 +164,10 @@ def run_trial(params: dict[str, Any], *, root: str, date: str, start: dict[str, 
     storage = Storage(root)
     config = trial_config(config_from_dict(start), params)
     sequences = read_sequences(storage, date, columns=SEQUENCE_COLUMNS)
-    train(storage, sequences, model_config=config.model, train_config=config.train, prepare_config=config.prepare,
-          run_name=tune.get_context().get_trial_id(), runs_dir=f"tune/{name}/runs",
-          text_features_fn=text_features_for(config, storage), ks=config.eval.ks, callbacks=[_epoch_callback()])
+    train(storage, sequences, model_config=config.model, train_config=config.train,
+          prepare_config=config.prepare, run_name=tune.get_context().get_trial_id(),
+          runs_dir=f"tune/{name}/runs", text_features_fn=text_features_for(config, storage),
+          ks=config.eval.ks, callbacks=[_epoch_callback()])
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,9 +220,11 @@ def _row(result, max_epochs: int, patience: int) -> TrialRow | None:
         stop = "patience"
     else:
         stop = "cut"
-    val = {k: float(best[k]) for k in frame.columns if k.startswith("val_") and not math.isnan(float(best[k]))}
+    val = {k: float(best[k]) for k in frame.columns
+           if k.startswith("val_") and not math.isnan(float(best[k]))}
     return TrialRow(trial=str(trial), params=dict(result.config), val_ndcg=float(best[SELECTION_METRIC]),
-                    best_epoch=best_epoch, epochs=epochs, minutes=round(float(frame["time_total_s"].max()) / 60, 2),
+                    best_epoch=best_epoch, epochs=epochs,
+                    minutes=round(float(frame["time_total_s"].max()) / 60, 2),
                     stop=stop, val=val)
 
 
@@ -230,9 +235,11 @@ def _short(key: str) -> str:
 def table(rows: list[TrialRow], keys: list[str]) -> str:
     """The trials best first, one line each, with the sampled settings."""
     head = ["trial", "val_ndcg@10", "best_ep", "epochs", "min", "stop", *(_short(k) for k in keys)]
+    def cell(value: Any) -> str:
+        return f"{value:.2g}" if isinstance(value, float) else str(value)
+
     lines = [[r.trial, f"{r.val_ndcg:.4f}", str(r.best_epoch), str(r.epochs), f"{r.minutes:.1f}", r.stop,
-              *(f"{r.params[k]:.2g}" if isinstance(r.params.get(k), float) else str(r.params.get(k)) for k in keys)]
-             for r in rows]
+              *(cell(r.params.get(k)) for k in keys)] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [head, *lines])
 
@@ -240,9 +247,9 @@ def table(rows: list[TrialRow], keys: list[str]) -> str:
 def chosen_yaml(config: Config, best: TrialRow, name: str, date: str, budget: float, trials: int) -> str:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     tuned = ", ".join(f"{k}={v}" for k, v in best.params.items())
-    return (f"# Chosen by `seqrec tune` (experiment {name!r}, sequences of {date}, {stamp}) on validation only:\n"
-            f"# val NDCG@10 {best.val_ndcg:.4f} at epoch {best.best_epoch} (trial {best.trial}, best of {trials} "
-            f"trials in a {budget:g}-minute budget).\n# Tuned: {tuned}\n{config.dumps()}")
+    return (f"# Chosen by `seqrec tune` (experiment {name!r}, sequences of {date}, {stamp}) on validation\n"
+            f"# only: val NDCG@10 {best.val_ndcg:.4f} at epoch {best.best_epoch} (trial {best.trial}, "
+            f"best of {trials} trials in a {budget:g}-minute budget).\n# Tuned: {tuned}\n{config.dumps()}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,19 +285,21 @@ def search(storage: Storage, date: str, base: Config, settings: TuneSettings, fi
     space = search_space(shape, set(fixed)).including(start)
     first = space.values_of(start)
     log.info("tune %s: %d users, %d items, median history %.0f: preset %s, %d fields searched, start %s",
-             settings.name, shape.users, shape.items, shape.length_p50, space.preset, len(space.fields), first)
+             settings.name, shape.users, shape.items, shape.length_p50, space.preset, len(space.fields),
+             first)
 
     trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(run_trial, root=storage.root, date=date, start=start.to_dict(), name=settings.name),
+        ray_tune.with_parameters(run_trial, root=storage.root, date=date, start=start.to_dict(),
+                                 name=settings.name),
         {"cpu": TRIAL_CPUS})
     path = storage.path("tune", settings.name)
     filesystem = storage.filesystem if storage.is_s3 else None
     restored = ray_tune.Tuner.can_restore(path, storage_filesystem=filesystem)
     if restored:
-        log.info("tune %s: restoring the experiment at %s (its trials count and budget are kept)", settings.name,
-                 storage.uri("tune", settings.name))
-        tuner = ray_tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, restart_errored=True,
-                                       storage_filesystem=filesystem)
+        log.info("tune %s: restoring the experiment at %s (its trials count and budget are kept)",
+                 settings.name, storage.uri("tune", settings.name))
+        tuner = ray_tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                       restart_errored=True, storage_filesystem=filesystem)
     else:
         tuner = ray_tune.Tuner(
             trainable,
@@ -298,8 +307,8 @@ def search(storage: Storage, date: str, base: Config, settings: TuneSettings, fi
             tune_config=ray_tune.TuneConfig(
                 metric=SELECTION_METRIC, mode="max", num_samples=settings.trials,
                 time_budget_s=settings.budget_minutes * 60, trial_dirname_creator=trial_dirname,
-                scheduler=ASHAScheduler(time_attr="epochs", max_t=base.train.epochs,
-                                        grace_period=min(settings.grace_epochs, base.train.epochs), reduction_factor=3),
+                scheduler=ASHAScheduler(time_attr="epochs", max_t=base.train.epochs, reduction_factor=3,
+                                        grace_period=min(settings.grace_epochs, base.train.epochs)),
                 # (Tune's max_concurrent_trials is ignored for this search algorithm: it takes its own.)
                 search_alg=BasicVariantGenerator(points_to_evaluate=[first], random_state=settings.seed,
                                                  max_concurrent=_concurrency(settings, start))),
@@ -307,12 +316,14 @@ def search(storage: Storage, date: str, base: Config, settings: TuneSettings, fi
                                           storage_filesystem=filesystem),
         )
     results = tuner.fit()
-    rows = [row for row in (_row(result, base.train.epochs, start.train.patience) for result in results) if row is not None]
+    rows = [row for row in (_row(result, base.train.epochs, start.train.patience) for result in results)
+            if row is not None]
     if not rows:
         errors = [str(result.error).splitlines()[0] for result in results if result.error is not None]
-        raise RuntimeError(f"tune {settings.name}: no trial finished an epoch within {settings.budget_minutes:g} "
-                           f"minutes{'; first error: ' + errors[0] if errors else ''}; raise --budget-minutes "
-                           f"or lower train.epochs")
+        cause = f"; first error: {errors[0]}" if errors else ""
+        raise RuntimeError(f"tune {settings.name}: no trial finished an epoch within "
+                           f"{settings.budget_minutes:g} minutes{cause}; raise --budget-minutes or lower "
+                           "train.epochs")
     rows.sort(key=lambda r: -r.val_ndcg)
     best = rows[0]
     chosen = apply_overrides(start, best.params)

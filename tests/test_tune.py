@@ -11,9 +11,12 @@ import yaml
 from seqrec.config import Config, DataShape, load_config
 from seqrec.tune import Choice, LogRange, preset, search_space
 
-BEAUTY = DataShape(users=22363, items=12101, interactions=198502, length_p50=6.0, length_p95=21.0, length_max=204)
-ML_1M = DataShape(users=6040, items=3416, interactions=999611, length_p50=96.0, length_p95=556.0, length_max=2277)
-HUGE = DataShape(users=40226, items=54542, interactions=353962, length_p50=6.0, length_p95=20.0, length_max=293)
+BEAUTY = DataShape(users=22363, items=12101, interactions=198502, length_p50=6.0, length_p95=21.0,
+                   length_max=204)
+ML_1M = DataShape(users=6040, items=3416, interactions=999611, length_p50=96.0, length_p95=556.0,
+                  length_max=2277)
+HUGE = DataShape(users=40226, items=54542, interactions=353962, length_p50=6.0, length_p95=20.0,
+                 length_max=293)
 
 
 def test_the_preset_follows_the_data():
@@ -21,12 +24,13 @@ def test_the_preset_follows_the_data():
     assert (preset(BEAUTY), preset(ML_1M), beauty.preset) == ("short-sparse", "long-dense", "short-sparse")
     assert beauty.fields["model.max_len"] == Choice((20, 50, 100))
     assert ml.fields["model.max_len"] == Choice((100, 200))
-    assert ml.fields["model.num_layers"] == Choice((2, 3)) and beauty.fields["model.num_layers"] == Choice((1, 2))
+    assert ml.fields["model.num_layers"] == Choice((2, 3))
+    assert beauty.fields["model.num_layers"] == Choice((1, 2))
     assert "ce" in beauty.fields["train.loss"].values
-    assert search_space(HUGE).fields["train.loss"] == Choice(("sampled", "gbce"))    # no full softmax on 54k items
+    assert search_space(HUGE).fields["train.loss"] == Choice(("sampled", "gbce"))   # 54k items: no full CE
     assert isinstance(beauty.fields["train.lr"], LogRange)
     tiny = DataShape(users=50, items=40, interactions=500, length_p50=10, length_p95=18, length_max=20)
-    assert search_space(tiny).fields["train.num_negatives"] == Choice((20,))       # fewer negatives than items
+    assert search_space(tiny).fields["train.num_negatives"] == Choice((20,))      # fewer negatives than items
     assert "model.dropout" not in search_space(BEAUTY, fixed={"model.dropout"}).fields
 
 
@@ -74,7 +78,8 @@ def test_a_budgeted_search_writes_a_config_that_loads_and_resumes(ray_local, tmp
         section, name = key.split(".")
         assert getattr(getattr(chosen, section), name) == value
     assert (chosen.model.hidden_size, chosen.train.num_workers, chosen.train.epochs) == (16, 2, 2)
-    assert yaml.safe_load(storage.read_bytes("tune", "small", "chosen.yaml")) == yaml.safe_load(out.read_text())
+    stored = storage.read_bytes("tune", "small", "chosen.yaml")
+    assert yaml.safe_load(stored) == yaml.safe_load(out.read_text())
     runs = Path(storage.path("tune", "small", "runs"))
     assert sorted(p.name for p in runs.iterdir()) == sorted(t["trial"] for t in trials)   # each trial's run
     checkpoints = sorted(str(p) for p in runs.rglob("checkpoint_*"))
@@ -82,5 +87,6 @@ def test_a_budgeted_search_writes_a_config_that_loads_and_resumes(ray_local, tmp
     assert main(args) == 0                                                         # same name: restored
     again = json.loads(storage.read_bytes("tune", "small", "report.json"))
     assert again["restored"]
-    assert [(t["trial"], t["val_ndcg"]) for t in again["trials"]] == [(t["trial"], t["val_ndcg"]) for t in trials]
+    assert [(t["trial"], t["val_ndcg"]) for t in again["trials"]] == [(t["trial"], t["val_ndcg"])
+                                                                      for t in trials]
     assert sorted(str(p) for p in runs.rglob("checkpoint_*")) == checkpoints          # nothing trained again
