@@ -62,15 +62,16 @@ def suggest_settings(config: Config, sequences, explicit: set[str]) -> tuple[Con
     shape = data_shape(sequences)
     changes = suggested(config, shape, explicit)
     if changes:
-        message = (f"settings from the data's shape ({shape.users} users, {shape.items} items, median history "
-                   f"{shape.length_p50:.0f}, p95 {shape.length_p95:.0f}; fields you set are kept): "
+        message = (f"settings from the data's shape ({shape.users} users, {shape.items} items, median "
+                   f"history {shape.length_p50:.0f}, p95 {shape.length_p95:.0f}; fields you set are kept): "
                    + ", ".join(f"{k}={v}" for k, v in changes.items()))
         log.info(message)
         print(f"seqrec nightly: {message}", file=sys.stderr)
     return apply_overrides(config, changes), changes
 
 
-def run_nightly(storage: Storage, date: str, config: Config, explicit: set[str] | None = None) -> NightlyResult:
+def run_nightly(storage: Storage, date: str, config: Config,
+                explicit: set[str] | None = None) -> NightlyResult:
     """The night for ``date``. With ``explicit`` (the fields the user set), the fields outside it take
     the settings suggested by the data's shape; None keeps ``config`` as given."""
     timings: dict[str, float] = {}

@@ -1,14 +1,15 @@
 """``seqrec tune``: a budgeted, resumable search for a training recipe, judged on validation only.
 
-Every trial is the real training stage: a Ray Tune function trainable calls :func:`seqrec.train.train`
-with one worker, whose Ray Train ``TorchTrainer`` (Train V2) hands each epoch's validation metrics
-to the trial through Tune's ``TuneReportCallback``. That is the integration Ray 2.60 supports for
-Train V2 (a trainer object passed to the ``Tuner`` is deprecated there), and it keeps one training
-code path: checkpoints, early stopping on validation NDCG@10 and failure handling are the night's.
-An ASHA scheduler stops weak trials at rungs of epochs, ``--budget-minutes`` is Tune's global
-``time_budget_s``, and the experiment lives under ``tune/<name>/`` in the storage root (each
-trial's training run under ``tune/<name>/runs/<trial id>``), so running the same name again
-restores it: finished trials are kept, unfinished ones resume from their last training checkpoint.
+Every trial is the real training stage: a Ray Tune function trainable calls
+:func:`seqrec.training.train` with one worker, whose Ray Train ``TorchTrainer`` (Train V2) hands each
+epoch's validation metrics to the trial through Tune's ``TuneReportCallback``. That is the
+integration Ray 2.60 supports for Train V2 (a trainer object passed to the ``Tuner`` is deprecated
+there), and it keeps one training code path: checkpoints, early stopping on validation NDCG@10
+and failure handling are the night's. An ASHA scheduler stops weak trials at rungs of epochs,
+``--budget-minutes`` is Tune's global ``time_budget_s``, and the experiment lives under
+``tune/<name>/`` in the storage root (each trial's training run under
+``tune/<name>/runs/<trial id>``), so running the same name again restores it: finished trials are
+kept, unfinished ones resume from their last training checkpoint.
 
 The search space is a preset picked from the data's shape (:func:`search_space`), centred on
 :func:`seqrec.config.suggest`; the first trial is that starting point, so the search can only
@@ -31,14 +32,13 @@ import ray
 
 from seqrec.config import (CONTEXT_LENGTHS, LARGE_CATALOGUE, Config, DataShape, apply_overrides,
                            config_from_dict, context_length, suggested)
-from seqrec.data import data_shape
+from seqrec.data import SEQUENCE_COLUMNS, data_shape
 from seqrec.prepare import InputError, read_sequences
 from seqrec.storage import Storage
 from seqrec.training.loop import SELECTION_METRIC
 
 log = logging.getLogger("seqrec.tune")
 
-SEQUENCE_COLUMNS = ["user_id", "item_ids", "event_types"]
 TRIAL_CPUS = 0.01          # the trial itself only waits on its training run, which holds the worker's CPUs
 
 
