@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +25,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from transformers.utils import logging as hf_logging
 
-from seqrec import __version__
+from seqrec.buildinfo import code_version  # noqa: F401  (re-exported: manifests name it)
 from seqrec.data import Vocabulary
+from seqrec.errors import UserError
 from seqrec.model import SeqRecModel
 from seqrec.storage import Storage
 
@@ -39,7 +39,7 @@ PROMOTED = "PROMOTED.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError, ValueError):
     """A model artifact that must not be used."""
 
 
@@ -50,15 +50,6 @@ class Artifact:
     vocab: Vocabulary
     metrics: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
-
-
-def code_version() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{__version__}+{sha}" if sha else __version__
 
 
 def new_version(date: str) -> str:

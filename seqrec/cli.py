@@ -1,7 +1,12 @@
 """``seqrec <stage>``: the command line of every job (``jobs/*.py`` call into here).
 
 Each command parses its arguments, builds the typed config (defaults <- ``--config`` YAML <-
-``--set section.key=value``), prints it and the storage root, and calls its stage.
+``--set section.key=value``), prints the storage root and the config, and calls its stage.
+
+Exit status: 0 done; 1 ``seqrec show`` found nothing published for the date; 2 a mistake the user
+can fix (a bad argument or config, missing data or model), printed as one line
+``seqrec: error: ...`` (``-v`` adds the traceback). Any other exception is a bug and shows its
+traceback.
 """
 
 from __future__ import annotations
@@ -10,10 +15,15 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
-from seqrec.config import Config, fields_set, load_config
+from seqrec import __version__
+from seqrec.buildinfo import code_version
+from seqrec.config import Config, config_changes, fields_set, load_config
+from seqrec.errors import ConfigError, NotFoundError, UserError
 from seqrec.storage import Storage
 
 log = logging.getLogger("seqrec")
@@ -45,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seqrec", description="Nightly transformer sequential recommendations on Ray.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"seqrec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("nightly", help="prepare -> train -> evaluate -> promote -> score -> publish -> report")
@@ -92,22 +103,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--titles", default=None, help="item titles TSV (e.g. ml-1m/sas_item_titles.tsv)")
     p.add_argument("--date", default="2024-01-01", help="partition for files without timestamps")
 
-    p = sub.add_parser("show", help="print rows of a published recommendation table")
+    p = sub.add_parser("show", help="print rows of a published recommendation table (exit 1 if none)")
     _common(p)
     p.add_argument("--rows", type=int, default=10)
     return parser
 
 
+def _night(value: str | None, flag: str = "--date") -> str:
+    """``value`` checked as a YYYY-MM-DD date; a typo is the user's to fix, not a traceback."""
+    if value is None:
+        return _yesterday()
+    try:
+        if len(value) != 10:
+            raise ValueError("expected YYYY-MM-DD")
+        return dt.date.fromisoformat(value).isoformat()
+    except ValueError as exc:
+        raise ConfigError(f"{flag} {value!r} is not a date ({exc}); use YYYY-MM-DD, e.g. 2024-01-07") from exc
+
+
+def _creates_data(args) -> bool:
+    return args.command in ("generate", "import") or (args.command == "nightly" and args.demo)
+
+
 def _storage(args) -> Storage:
+    if not _creates_data(args) and "://" not in args.root and not Path(args.root).expanduser().exists():
+        # Checked before Storage(), which would create the directory and hide the typo.
+        raise NotFoundError(f"storage root {args.root} does not exist; check --root (or create data there "
+                            "with `seqrec generate`, `seqrec import` or `seqrec nightly --demo`)")
     storage = Storage(args.root)
-    storage.ensure_bucket() if storage.is_s3 and args.command in ("generate", "import") else None
-    print(f"seqrec {args.command}: storage root {storage.uri()}", file=sys.stderr)
+    if storage.is_s3 and _creates_data(args):
+        storage.ensure_bucket()
+    elif storage.is_s3 and not _creates_data(args) and not storage.exists():
+        raise NotFoundError(f"storage root {storage.uri()} holds nothing (or its bucket does not exist); "
+                            "check --root and AWS_ENDPOINT_URL")
+    print(f"seqrec {args.command}: storage root {storage.uri()} (seqrec {code_version()})", file=sys.stderr)
     return storage
 
 
 def _config(args) -> Config:
+    """The config, announced in one line: where it came from and what differs from the defaults.
+
+    That line and the code version determine the whole config; the full dump is logged at DEBUG
+    (``-v``) and, for the nightly, written to the night's report.json.
+    """
     config = load_config(args.config, args.overrides)
-    print(f"seqrec {args.command} config:\n{config.dumps()}", file=sys.stderr)
+    changed = " ".join(f"{key}={value}" for key, value in config_changes(config).items()) or "none"
+    source = ", ".join(filter(None, [args.config, *(f"--set {o}" for o in args.overrides)])) or "defaults"
+    print(f"seqrec {args.command} config ({source}); differs from the defaults in: {changed}",
+          file=sys.stderr)
+    log.debug("config:\n%s", config.dumps())
     return config
 
 
@@ -116,46 +160,76 @@ def _model_version(storage: Storage, requested: str | None) -> str:
 
     version = requested or artifact.promoted_version(storage)
     if not version:
-        raise SystemExit(f"no model promoted under {storage.uri('models')}; train one first or pass --model")
+        raise NotFoundError(f"no model promoted under {storage.uri('models')}; train one first "
+                            "(`seqrec train --promote` or `seqrec nightly`) or pass --model VERSION")
+    if not storage.exists("models", version, "config.json"):
+        raise NotFoundError(f"no model {version!r} under {storage.uri('models')}; pass --model with one of "
+                            f"{storage.list_dirs('models')[-5:]} (the newest five)")
     return version
 
 
-def show(storage: Storage, date: str, rows: int) -> None:
+def show(storage: Storage, date: str, rows: int, explain: bool = True) -> bool:
+    """Print the night's rows and, with ``explain``, item titles (when the catalogue has them) and
+    the gate's decision; False when nothing is published for ``date``."""
+    from seqrec.explain import format_rows, night_decision
     from seqrec.publish import read_partition
 
     table = read_partition(storage, "recommendations", date)
     if table is None:
-        print(f"no published recommendations for {date} under {storage.uri('recommendations')}")
-        return
+        print(f"seqrec show: no published recommendations for {date} under {storage.uri('recommendations')}",
+              file=sys.stderr)
+        return False
     print(f"recommendations for {date}: {table.num_rows} users at {storage.uri('recommendations', f'dt={date}')}")
-    for row in table.sort_by("user_id").slice(0, rows).to_pylist():
-        items = ", ".join(str(i) for i in row["items"])
-        print(f"  user {row['user_id']}: [{items}]  ({row['source']}, {row['model_version']})")
+    decision = night_decision(storage, date) if explain else None
+    if decision:
+        print(decision)
+    shown = table.sort_by("user_id").slice(0, rows).to_pylist()
+    for line in format_rows(storage, shown, with_titles=explain):
+        print(line)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    from seqrec.runtime import init_ray, setup_logging
-
+    """Run one command; returns the exit status (0 ok, 1 nothing to show, 2 a user error)."""
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ.setdefault("SEQREC_RAY_VERBOSE", "1")  # -v: Ray's chatter too (read when ray is imported)
+    from seqrec.runtime import setup_logging
+
     setup_logging(args.verbose)
+    try:
+        return run(args)
+    except UserError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"seqrec: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    # An error raised inside a Ray task arrives wrapped with the remote traceback; say the cause only.
+    cause = getattr(exc, "cause", None)
+    return " ".join(str(cause if isinstance(cause, UserError) else exc).split())
+
+
+def run(args) -> int:
+    date = _night(getattr(args, "date", None))
     storage = _storage(args)
-    date = getattr(args, "date", None) or _yesterday()
 
     if args.command == "generate":
         from seqrec.synthetic import SyntheticSpec, write_synthetic
 
         write_synthetic(storage, SyntheticSpec(num_users=args.users, num_items=args.items, days=args.days,
-                                               end_date=args.end_date))
+                                               end_date=_night(args.end_date, "--end-date")))
         return 0
     if args.command == "import":
         from seqrec.importers import import_dataset
 
-        report = import_dataset(args.format, args.path, storage, titles=args.titles, date=args.date)
+        report = import_dataset(args.format, args.path, storage, titles=args.titles, date=date)
         print(json.dumps(report.__dict__, default=str, indent=2))
         return 0
     if args.command == "show":
-        show(storage, date, args.rows)
-        return 0
+        return 0 if show(storage, date, args.rows) else 1
 
     config = _config(args)
     if args.command == "prepare":
@@ -164,9 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(prepare(storage, date, config.prepare).as_dict(), indent=2))
         return 0
 
+    # Checked before Ray starts: a missing model is the user's to fix, in a second rather than a minute.
+    version = _model_version(storage, args.model) if args.command in ("evaluate", "score") else None
+    from seqrec.runtime import init_ray
+
     init_ray(args.ray_address)
     if args.command == "nightly":
         from seqrec.nightly import run_nightly
+        from seqrec.report import timings_table
 
         if args.demo:
             from seqrec.synthetic import SyntheticSpec, write_synthetic
@@ -177,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_nightly(storage, date, config, explicit=fields_set(args.config, args.overrides))
         print(f"\nnight {date}: {result.decision}")
         print(f"report: {result.report}")
-        show(storage, date, args.show)
+        show(storage, date, args.show, explain=False)  # titles and the gate's reasons: `seqrec show`
+        print(timings_table(result.timings_s))
         return 0
     if args.command == "tune":
         from seqrec.tune import TuneSettings, search, table
@@ -216,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
         from seqrec.data import SEQUENCE_COLUMNS
         from seqrec.prepare import read_sequences
 
-        version = _model_version(storage, args.model)
         model = artifact.load(storage, version)
         sequences = read_sequences(storage, date, columns=SEQUENCE_COLUMNS)
         metrics = evaluate(model.model, model.vocab, sequences, config.eval)
@@ -225,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "score":
         from seqrec.score import score
 
-        report = score(storage, date, _model_version(storage, args.model), config.score)
+        report = score(storage, date, version, config.score)
         print(json.dumps(report.__dict__, indent=2))
         return 0
     raise AssertionError(args.command)

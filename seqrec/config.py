@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from seqrec.errors import ConfigError
+
 
 @dataclass
 class PrepareConfig:
@@ -124,9 +126,16 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def config_changes(config: Config) -> dict[str, Any]:
+    """``section.key -> value`` of every field that differs from its default."""
+    defaults = Config().to_dict()
+    return {f"{section}.{key}": value for section, values in config.to_dict().items()
+            for key, value in values.items() if defaults[section][key] != value}
+
+
 def _check_choice(value: Any, typ: Any, where: str) -> None:
     if get_origin(typ) is Literal and value not in get_args(typ):
-        raise ValueError(f"config {where} must be one of {list(get_args(typ))}, got {value!r}")
+        raise ConfigError(f"config {where} must be one of {list(get_args(typ))}, got {value!r}")
 
 
 def check_choices(section: Any, name: str) -> None:
@@ -150,14 +159,14 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         except ValueError:
             pass
     if typ in (int, float) and isinstance(value, bool):
-        raise ValueError(f"config {where}: expected {typ.__name__}, got {value!r}")  # bool is an int in Python
+        raise ConfigError(f"config {where}: expected {typ.__name__}, got {value!r}")  # bool is an int in Python
     if typ is float and isinstance(value, int):
         return float(value)
     if typ in (int, float, str, bool) and not isinstance(value, typ):
-        raise ValueError(f"config {where}: expected {typ.__name__}, got {value!r}")
+        raise ConfigError(f"config {where}: expected {typ.__name__}, got {value!r}")
     if origin is list:
         if not isinstance(value, list):
-            raise ValueError(f"config {where}: expected a list, got {value!r}")
+            raise ConfigError(f"config {where}: expected a list, got {value!r}")
         (item_type,) = getattr(typ, "__args__", (Any,))
         if item_type in (int, float, str, bool):
             return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -169,11 +178,11 @@ def _update(obj: Any, values: dict[str, Any], prefix: str) -> None:
     known = {f.name for f in fields(obj)}
     for key, value in values.items():
         if key not in known:
-            raise ValueError(f"unknown config key {prefix + key!r}; known: {sorted(known)}")
+            raise ConfigError(f"unknown config key {prefix + key!r}; known: {sorted(known)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ValueError(f"config {prefix}{key} must be a mapping")
+                raise ConfigError(f"config {prefix}{key} must be a mapping")
             _update(current, value, f"{prefix}{key}.")
         else:
             setattr(obj, key, _coerce(value, hints[key], f"{prefix}{key}"))
@@ -183,14 +192,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults <- YAML file <- ``section.key=value`` overrides."""
     config = Config()
     if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
         if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping of sections")
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
         _update(config, data, "")
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(f"override {item!r} must look like section.key=value")
         section, _, name = key.partition(".")
         _update(config, {section: {name: value}} if name else {section: value}, "")
     return config

@@ -46,6 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from seqrec.errors import ConfigError, InputError, NotFoundError
 from seqrec.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -292,11 +293,11 @@ def _read_titles(path: str | Path, quarantine: _Quarantine) -> pa.Table:
     ``ml-1m/sas_item_titles.tsv`` (``sas_item_id, movielens_movie_id, title, genres``)."""
     lines = _read_lines(Path(path), "\t")
     if not len(lines):
-        raise ValueError(f"titles file {path} is empty; expected a header row")
+        raise InputError(f"titles file {path} is empty; expected a header row")
     header = lines.fields[0].as_py()
     missing = {"title", "genres"} - set(header)
     if missing:
-        raise ValueError(f"titles file {path} has no {sorted(missing)} column; header: {header}")
+        raise InputError(f"titles file {path} has no {sorted(missing)} column; header: {header}")
     title, genres = header.index("title"), header.index("genres")
     rows = lines.filter(lines.line_no > 1)
     return _catalogue(rows, quarantine, len(header), lambda f: _item_text(f[title], f[genres].split("|")))
@@ -425,7 +426,7 @@ def _movielens_files(path: Path) -> tuple[Path, str | None, Path, Callable[[Path
         return root / "u.data", None, root / "u.item", _read_u_item
     if (root / "ratings.dat").exists():
         return root / "ratings.dat", "::", root / "movies.dat", _read_movies_dat
-    raise FileNotFoundError(f"{root} holds neither u.data (ML-100K) nor ratings.dat (ML-1M)")
+    raise NotFoundError(f"{root} holds neither u.data (ML-100K) nor ratings.dat (ML-1M)")
 
 
 def import_movielens(path: str | Path, storage: Storage, *, date: str = DEFAULT_DATE) -> ImportReport:
@@ -458,12 +459,15 @@ def import_movielens(path: str | Path, storage: Storage, *, date: str = DEFAULT_
 def import_dataset(fmt: str, path: str, storage: Storage, *, titles: str | None = None,
                    date: str = DEFAULT_DATE) -> ImportReport:
     """Import ``path`` in format ``fmt`` (one of :data:`FORMATS`) below ``storage``."""
+    for name in (path, titles):
+        if name and not Path(name).exists():
+            raise NotFoundError(f"{name} does not exist; give the benchmark file (or MovieLens directory)")
     if fmt == "sasrec":
         return import_sasrec(path, storage, titles=titles, date=date)
     if fmt == "s3rec":
         return import_s3rec(path, storage, titles=titles, date=date)
     if fmt == "movielens":
         if titles:
-            raise ValueError("movielens takes its titles from u.item / movies.dat; do not pass titles")
+            raise ConfigError("movielens takes its titles from u.item / movies.dat; do not pass titles")
         return import_movielens(path, storage, date=date)
-    raise ValueError(f"unknown import format {fmt!r}; expected one of {FORMATS}")
+    raise ConfigError(f"unknown import format {fmt!r}; expected one of {FORMATS}")

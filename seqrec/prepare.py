@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from seqrec.config import PrepareConfig
+from seqrec.errors import InputError
 from seqrec.storage import Storage, retry
 
 log = logging.getLogger("seqrec.prepare")
@@ -31,10 +32,6 @@ log = logging.getLogger("seqrec.prepare")
 REQUIRED = ("user_id", "item_id", "ts")
 TS_TYPE = pa.timestamp("us", tz="UTC")
 ROWS_PER_FILE = 200_000
-
-
-class InputError(ValueError):
-    """Input that no row-level quarantine can fix: missing columns, wrong types, no data."""
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 ``report.json`` holds the data counts, per-stage timings, candidate vs promoted vs popularity
 metrics and the promotion decision; ``report.md`` says the same for people; ``training.png`` plots
-the candidate's training curves and ``history.png`` the promoted metric across nights.
+the candidate's training curves and ``history.png`` the promoted metric across nights. The plots
+need matplotlib (the ``report`` extra); without it the report is written without them and says so.
 """
 
 from __future__ import annotations
@@ -80,16 +81,40 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in report["timings_s"].items()]
     lines += ["", "| validation NDCG@10 | value |", "|---|---|"]
     lines += [f"| {who} | {value:.4f} |" for who, value in report["val_ndcg@10"].items() if value is not None]
+    if report.get("plots"):
+        lines += ["", f"Plots {report['plots']}."]
     return "\n".join(lines) + "\n"
+
+
+def timings_table(timings: dict[str, float]) -> str:
+    """The night's stages and their wall time, with the total, as a small text table."""
+    width = max([len(stage) for stage in timings] + [len("total")])
+    lines = [f"{'stage':<{width}}  seconds"]
+    lines += [f"{stage:<{width}}  {seconds:7.1f}" for stage, seconds in timings.items()]
+    lines.append(f"{'total':<{width}}  {sum(timings.values()):7.1f}")
+    return "\n".join(lines)
+
+
+def plotting_available() -> bool:
+    """matplotlib is the optional extra ``seqrec[report]``: a cluster that only scores needs none."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def write_report(storage: Storage, report: dict[str, Any], history: list[dict[str, Any]]) -> str:
     date = report["date"]
+    plots = plotting_available()
+    if not plots:
+        report = {**report, "plots": "skipped: matplotlib is not installed (pip install 'seqrec[report]')"}
+        log.warning("report without plots: matplotlib is not installed (pip install 'seqrec[report]')")
     storage.write_json(report, "reports", f"dt={date}", "report.json")
     storage.write_bytes(markdown(report).encode(), "reports", f"dt={date}", "report.md")
-    if history:
+    if plots and history:
         storage.write_bytes(training_plot(history), "reports", f"dt={date}", "training.png")
-    storage.write_bytes(history_plot(metric_history(storage, date)), "reports", f"dt={date}", "history.png")
+    if plots:
+        plot = history_plot(metric_history(storage, date))
+        storage.write_bytes(plot, "reports", f"dt={date}", "history.png")
     location = storage.uri("reports", f"dt={date}")
     log.info("report -> %s", location)
     return location

@@ -8,9 +8,13 @@ import os
 import sys
 import time
 
-import ray
+from seqrec.logs import quiet_ray_driver, quiet_ray_environment
 
-from seqrec.storage import s3_endpoint
+_QUIET_ENV = quiet_ray_environment(os.environ.get("SEQREC_RAY_VERBOSE") == "1")  # before `import ray`
+
+import ray  # noqa: E402
+
+from seqrec.storage import s3_endpoint  # noqa: E402
 
 log = logging.getLogger("seqrec")
 
@@ -37,9 +41,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    quiet_ray_driver()
     # Non-secret settings workers need; credentials stay with each node's AWS chain, never in job metadata.
     env = {k: v for k, v in {"AWS_ENDPOINT_URL": s3_endpoint(), "HF_HUB_OFFLINE": "1",
-                             "TOKENIZERS_PARALLELISM": "false"}.items() if v}
+                             "TOKENIZERS_PARALLELISM": "false", **_QUIET_ENV}.items() if v}
     if address:
         # A cluster (or `ray job submit`) defines the runtime environment: the job's working_dir and
         # env vars come from the submission; a runtime_env here would replace the job's.

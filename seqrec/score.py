@@ -27,6 +27,7 @@ from seqrec import artifact as artifacts
 from seqrec.catalogue import read_catalogue
 from seqrec.config import ScoreConfig
 from seqrec.data import SEQUENCE_COLUMNS, Vocabulary, encode, longest
+from seqrec.errors import NotFoundError
 from seqrec.publish import publish_partition
 from seqrec.ranking import rank_unseen
 from seqrec.model import query_inputs
@@ -143,7 +144,8 @@ def score(storage: Storage, date: str, version: str, config: ScoreConfig) -> Sco
     started = time.perf_counter()
     files = storage.list_files("sequences", f"dt={date}", suffix=".parquet")
     if not files:
-        raise FileNotFoundError(f"no sequences for {date} under {storage.uri('sequences')}; run prepare first")
+        raise NotFoundError(f"no sequences for {date} under {storage.uri('sequences')}; "
+                            f"run `seqrec prepare --date {date}` first")
     # Only the artifact's vocabulary is needed on the driver (for the availability mask).
     probe = artifacts.load(storage, version, cache_dir=tempfile.mkdtemp(prefix="seqrec-probe-"))
     never_recommend = unavailable_items(storage, probe.vocab)
@@ -162,6 +164,9 @@ def score(storage: Storage, date: str, version: str, config: ScoreConfig) -> Sco
         read_parquet_batches, fn_kwargs=dict(root=storage.root, rows=rows_per_block, columns=columns), batch_size=1,
         batch_format="pyarrow")
     dataset = dataset.repartition(target_num_rows_per_block=rows_per_block)
+    # The driver's C++ core prints this line itself (no Python logger to filter): say so beforehand.
+    log.info("scoring on %d actor(s); Ray may print once that an actor 'has constructor arguments in the "
+             "object store': harmless here (ray issue 53727)", config.num_actors)
     recommendations = dataset.map_batches(
         Recommender,
         fn_constructor_kwargs=dict(root=storage.root, version=version, k=config.k, never_recommend=never_recommend,

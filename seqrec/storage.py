@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from seqrec.errors import ConfigError
+
 T = TypeVar("T")
 
 # Rows per Parquet row group. A reader decodes a whole row group at once (however small the batches
@@ -84,9 +86,9 @@ class Storage:
             self.filesystem = _s3_filesystem()
             self.base = self.root[len("s3://"):].rstrip("/")
             if not self.base.split("/", 1)[0]:  # "s3://" and "s3:///prefix" name no bucket
-                raise ValueError(f"storage root {self.root!r} names no bucket; use s3://bucket/prefix")
+                raise ConfigError(f"storage root {self.root!r} names no bucket; use s3://bucket/prefix")
         elif "://" in self.root:
-            raise ValueError(f"unsupported storage root {self.root!r}: use a local directory or s3://bucket/prefix")
+            raise ConfigError(f"unsupported storage root {self.root!r}: use a local directory or s3://bucket/prefix")
         else:
             self.filesystem = pafs.LocalFileSystem()
             self.base = str(Path(self.root).expanduser().resolve())

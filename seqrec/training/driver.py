@@ -22,6 +22,7 @@ import torch
 from seqrec.artifact import Artifact
 from seqrec.config import ModelConfig, PrepareConfig, TrainConfig, check_choices
 from seqrec.data import Vocabulary
+from seqrec.errors import InputError
 from seqrec.model import SeqRecModel
 from seqrec.storage import Storage
 from seqrec.training.checkpoints import load_checkpoint
@@ -66,7 +67,7 @@ def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, t
                              windows=train_config.windows == "all")
     train_rows = datasets["train"].count()
     if train_rows == 0:
-        raise ValueError("no user has enough history to train on (need at least 4 known items: 2 to learn "
+        raise InputError("no user has enough history to train on (need at least 4 known items: 2 to learn "
                          "from, 1 for validation, 1 for test)")
     inputs = WorkerInputs(
         train_config=train_config, model_config=model.config.to_dict(), ks=ks or [10, 20],
@@ -104,6 +105,9 @@ def _fit(storage: Storage, runs_dir: str, run_name: str, train_config: TrainConf
             storage_filesystem=storage.filesystem if storage.is_s3 else None,
             failure_config=FailureConfig(max_failures=train_config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's own INFO lines (worker group, "Reporting training result N") stay in its log
+            # files; seqrec's worker logs go through the root logger and are not affected.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
     )
