@@ -20,7 +20,6 @@ import sys
 import traceback
 from pathlib import Path
 
-from seqrec import __version__
 from seqrec.buildinfo import code_version
 from seqrec.config import Config, config_changes, fields_set, load_config
 from seqrec.errors import ConfigError, NotFoundError, UserError
@@ -43,7 +42,8 @@ def _yesterday() -> str:
 def _common(parser: argparse.ArgumentParser, date: bool = True) -> None:
     parser.add_argument("--root", default=DEFAULT_ROOT, help="storage root (default: ./%(default)s)")
     if date:
-        parser.add_argument("--date", default=None, help="the night, YYYY-MM-DD (default: yesterday, UTC)")
+        parser.add_argument("--date", default=None,
+                            help="the night, YYYY-MM-DD (default: $SEQREC_DATE, else yesterday, UTC)")
     parser.add_argument("--config", default=None, help="YAML file with any of the sections prepare/model/train/eval/score")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config field, e.g. --set train.epochs=5 (repeatable)")
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seqrec", description="Nightly transformer sequential recommendations on Ray.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"seqrec {__version__}")
+    parser.add_argument("--version", action="version", version=f"seqrec {code_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("nightly", help="prepare -> train -> evaluate -> promote -> score -> publish -> report")
@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _night(value: str | None, flag: str = "--date") -> str:
     """``value`` checked as a YYYY-MM-DD date; a typo is the user's to fix, not a traceback."""
+    if value is None:
+        value = os.environ.get("SEQREC_DATE") or None  # how a scheduler passes the date (k8s/rayjob.yaml)
+        flag = "SEQREC_DATE"
     if value is None:
         return _yesterday()
     try:
