@@ -35,6 +35,16 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def worker_setup() -> None:
+    """Ray worker_process_setup_hook of the local Ray: name this Ray to Ray's own clients in workers.
+
+    Ray Train's PlacementGroupCleaner queries the state API without an address; on a host with more
+    than one Ray (CI: the test session's and a job's) that fails with "Found multiple active Ray
+    instances" and kills its monitor thread with a traceback.
+    """
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster named by ``address`` / ``RAY_ADDRESS`` (``ray job submit`` sets it), else start
     a local single-node Ray sized to this machine."""
@@ -50,8 +60,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # env vars come from the submission; a runtime_env here would replace the job's.
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env},
-                 log_to_driver=True)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": env, "worker_process_setup_hook": "seqrec.runtime.worker_setup"})
     resources = ray.cluster_resources()
     log.info("ray: %s, %d CPUs, %d GPUs", "cluster " + address if address else "local single node",
              int(resources.get("CPU", 0)), int(resources.get("GPU", 0)))

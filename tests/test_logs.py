@@ -41,14 +41,18 @@ def test_filter_drops_only_the_known_harmless():
 def test_demo_night_prints_the_story_without_rays_harmless_lines(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_DEDUP", "RAY_DATA_LOGGING", "RAY_ADDRESS"))}
-    env.update(RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled")
-    done = subprocess.run(
-        [sys.executable, "-m", "seqrec", "nightly", "--demo", "--root", str(tmp_path / "root"),
-         "--config", "configs/demo.yaml", "--show", "2",
-         "--set", "train.epochs=2", "--set", "model.max_len=20", "--set", "prepare.max_len=20",
-         "--set", "score.batch_size=256"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    output = done.stdout + done.stderr
+    env.update(RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "seqrec", "nightly", "--demo", "--root", str(tmp_path / "root"),
+               "--config", "configs/demo.yaml", "--show", "2", "--set", "train.epochs=2",
+               "--set", "model.max_len=20", "--set", "prepare.max_len=20", "--set", "score.batch_size=256"]
+    for attempt in range(2):
+        # stdout and stderr in one stream, in the order a person sees them.
+        done = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=900)
+        output = done.stdout
+        # Ray gives its raylet a fixed 30 s to register; a loaded CI host can miss that once.
+        if attempt or "The current node timed out during startup" not in output:
+            break
     assert done.returncode == 0, output[-4000:]
     lines = output.splitlines()
     harmless = re.compile(harmless_regex())
@@ -67,4 +71,4 @@ def test_demo_night_prints_the_story_without_rays_harmless_lines(tmp_path):
     assert [row.split()[0] for row in table[1:-1]] == ["prepare", "train", "evaluate", "score"]
     assert "differs from the defaults in: " in output and "train.epochs=2" in output
     print(f"demo night printed {len(lines)} lines")
-    assert len(lines) < 80, output
+    assert len(lines) < 100, output
