@@ -58,6 +58,7 @@ class ProcessTreeMemory:
         self.peak_rss = self.peak_pss = self.peak_mem = self.peak_store = 0
         self._store = _ObjectStore()
         self.peak_processes = 0
+        self.peak_driver_rss = 0                      # this process alone (the job's driver)
         self.peak_by_process: dict[str, float] = {}   # role -> private + file PSS when peak_mem was reached
         self.samples = 0
         self.cpu_seen: dict[int, float] = {}     # pid -> its CPU seconds at the previous sample
@@ -84,6 +85,8 @@ class ProcessTreeMemory:
                 continue
             rss += info.rss
             count += 1
+            if process.pid == self.root.pid:
+                self.peak_driver_rss = max(self.peak_driver_rss, info.rss)
             if with_pss:
                 anon, file, shmem = _pss_parts(process.pid, default=info.rss)
                 pss += anon + file + shmem
@@ -130,6 +133,7 @@ class ProcessTreeMemory:
         """Peaks, and CPU seconds by process role (where the machine's time went: a profile of the tree)."""
         ours = sum(self.cpu_s.values())
         return {"peak_mem_gib": round(self.peak_mem / GIB, 3), "peak_pss_gib": round(self.peak_pss / GIB, 3),
+                "driver_peak_rss_gib": round(self.peak_driver_rss / GIB, 3),
                 "peak_rss_gib": round(self.peak_rss / GIB, 3), "peak_object_store_gib": round(self.peak_store / GIB, 3),
                 "peak_processes": self.peak_processes, "memory_samples": self.samples,
                 "peak_mem_gib_by_process": {k: round(v / GIB, 3) for k, v in

@@ -28,6 +28,14 @@ class PrepareConfig:
     max_future_days: int = 1               # timestamps beyond the day after ``date`` are quarantined
     lookback_days: int = 0                 # 0: all history under events/; else the last N days
     incremental: bool = True               # extend yesterday's sequences with today's events
+    # Users are hashed into this many buckets; one Ray task merges a bucket with that bucket of
+    # yesterday's sequences, so a task holds ~1/buckets of all history. Changing it re-buckets once.
+    buckets: int = 64
+    rows_per_task: int = 1_000_000         # event rows one validation task reads (whole row groups)
+    cpus_per_task: float = 0.5             # fractional: whole-CPU tasks would starve actors on 2 cores
+    # An unreadable (truncated, corrupt) events file: fail naming it, or move it to
+    # quarantine/dt=D/_files/ with its reason and go on (counted as files_quarantined).
+    bad_files: Literal["fail", "quarantine"] = "fail"
 
 
 @dataclass

@@ -158,13 +158,15 @@ class Storage:
 
     # -- directories -------------------------------------------------------------------------
     def list_files(self, *parts: str, suffix: str = "") -> list[str]:
-        """Files (filesystem paths) below ``parts``, sorted, ignoring hidden/underscore files."""
-        selector = pafs.FileSelector(self.path(*parts), recursive=True, allow_not_found=True)
+        """Files (filesystem paths) below ``parts``, sorted, ignoring hidden/underscore files and
+        folders (as pyarrow and Spark do: ``_staging/``, quarantined ``_files/``)."""
+        top = self.path(*parts)
+        selector = pafs.FileSelector(top, recursive=True, allow_not_found=True)
         infos = retry(lambda: self.filesystem.get_file_info(selector), what="list")
         return sorted(
             i.path for i in infos
             if i.type == pafs.FileType.File and i.path.endswith(suffix)
-            and not i.base_name.startswith(("_", "."))
+            and not any(p.startswith(("_", ".")) for p in i.path[len(top):].split("/") if p)
         )
 
     def list_dirs(self, *parts: str) -> list[str]:
@@ -181,6 +183,14 @@ class Storage:
         path = self.path(*parts)
         if self.exists(*parts):
             retry(lambda: self.filesystem.delete_file(path), what=f"delete {path}")
+
+    def move_file(self, source: str, *parts: str) -> None:
+        """Move the file at filesystem path ``source`` to ``parts`` below the root (a rename locally,
+        copy and delete on S3)."""
+        path = self.path(*parts)
+        if not self.is_s3:
+            self.filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        retry(lambda: self.filesystem.move(source, path), what=f"move {source}")
 
     def download_dir(self, parts: str, local_dir: str | Path) -> Path:
         """Copy a directory below the root to a local directory (for model artifacts)."""

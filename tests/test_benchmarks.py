@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -263,3 +264,42 @@ def test_rank_unseen_blocks_and_two_level_top_k_match_a_dense_reference():
     differ = ranked.target_rank != expected
     assert differ.float().mean() <= 0.01                      # rounding of near-ties only
     assert ((ranked.target_rank - expected)[differ & torch.isfinite(expected)].abs() <= 1).all()
+
+
+# --------------------------------------------------------------------------------------------
+# nightly.py
+# --------------------------------------------------------------------------------------------
+def test_nightly_smoke(ray_shared, tmp_path, capsys):
+    import nightly
+
+    out = tmp_path / "nightly.json"
+    assert nightly.main(["--smoke", "--out", str(out)]) == 0
+    (row,) = read_rows(out)
+    for key in ("users", "items", "events", "stage_s", "driver_peak_rss_gib", "peak_mem_gib", "cold_train_s",
+                "warm_train_s", "cold_val_ndcg@10", "warm_val_ndcg@10"):
+        assert key in row, key
+    assert set(row["stage_s"]) == {"prepare", "train", "evaluate", "score"}
+    assert row["users"] == 400 and row["events"] > 400 * 8
+    assert 0 < row["driver_peak_rss_gib"] <= row["peak_mem_gib"] < 64
+    cold, warm = row["nights"]["cold"], row["nights"]["warm"]
+    assert (cold["prepare"]["mode"], warm["prepare"]["mode"]) == ("full", "incremental")
+    assert warm["prepare"]["rows_read"] == row["events_last_day"] < cold["prepare"]["rows_read"]
+    assert cold["recommendations"] == warm["recommendations"] == row["users_with_sequences"]
+    assert "driver_peak_rss_gib" in capsys.readouterr().out          # the per-stage table
+
+
+def test_nightly_events_have_daily_activity_and_chains():
+    import nightly
+
+    spec = nightly.EventSpec(users=2000, items=300, events_per_user=20, days=4, daily_active=0.2)
+    rng = np.random.default_rng(0)
+    succ = nightly.chains(rng, spec.items)
+    cdf = np.cumsum(np.full(spec.items, 1 / spec.items))
+    last = nightly.day_events(spec, spec.days - 1, succ, cdf)
+    active = len(np.unique(last["user_id"]))
+    assert 0.15 * spec.users < active < 0.25 * spec.users                  # the last day: the daily share
+    history = {u for d in range(spec.days - 1) for u in nightly.day_events(spec, d, succ, cdf)["user_id"]}
+    assert len(history) == spec.users                                     # every user has a history
+    same_user = last["user_id"][1:] == last["user_id"][:-1]
+    follows = succ[last["item_id"][:-1] - 1] + 1 == last["item_id"][1:]
+    assert 0.7 < follows[same_user].mean() < 0.9                          # chains, at --follow 0.8

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import datetime as dt
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from seqrec.config import PrepareConfig
-from seqrec.prepare import InputError, prepare, read_sequences
+from seqrec.prepare import InputError, bucket_file, bucket_of, merge_bucket, prepare, read_sequences
 from seqrec.storage import Storage
 from seqrec.synthetic import SyntheticSpec, generate_events, write_synthetic
 
 UTC = dt.timezone.utc
 DAY = "2024-01-02"
+
+# The stage runs as Ray tasks: on the session's local Ray (starting its own would clash with it).
+pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 @pytest.fixture
@@ -470,7 +475,9 @@ def test_rerun_replaces_the_partition(storage):
     assert after.equals(before)
     assert after.num_rows == 2
     assert quarantine(storage).num_rows == 1
-    assert [f.rsplit("/", 1)[1] for f in storage.list_files("sequences", f"dt={DAY}")] == ["part-00000.parquet"]
+    names = [f.rsplit("/", 1)[1] for f in storage.list_files("sequences", f"dt={DAY}")]
+    assert "part-00009.parquet" not in names
+    assert names == [bucket_file(b) for b in sorted(set(bucket_of(pa.array(["u1", "u2"]), 64)))]
 
     # Fixing the input and re-running clears the quarantine partition.
     write_events(storage, events(["u1", "u1", "u2"], ["a", "b", "c"], [at(DAY, 1), at(DAY, 2), at(DAY, 3)],
@@ -497,3 +504,148 @@ def test_synthetic_generator_plants_the_documented_bad_rows():
     assert pc.sum(pc.is_null(events_table["user_id"])).as_py() == 2
     assert pc.sum(pc.is_null(events_table["item_id"])).as_py() == 2
     assert items.num_rows == 30
+
+
+# --------------------------------------------------------------------------------------------
+# Buckets, tasks and layouts
+# --------------------------------------------------------------------------------------------
+def test_bucket_of_is_stable_and_spreads_users():
+    # Pinned: yesterday's files are read bucket by bucket, so the hash must never change silently.
+    assert bucket_of(pa.array([1, 2, 3, 10**12], pa.int64()), 64).tolist() == [1, 14, 45, 56]
+    assert bucket_of(pa.array(["u1", "u2", "", "ünï"]), 64).tolist() == [31, 59, 48, 41]
+    spread = np.bincount(bucket_of(pa.array(np.arange(64_000)), 64), minlength=64)
+    assert spread.min() > 800 and spread.max() < 1200
+    chunked = pa.chunked_array([pa.array(["a", "b"]), pa.array(["a"])])
+    assert bucket_of(chunked, 8)[0] == bucket_of(chunked, 8)[2]
+
+
+
+def _result(storage: Storage, date: str) -> tuple[pa.Table, pa.Table | None]:
+    q = storage.list_files("quarantine", f"dt={date}", suffix=".parquet")
+    return read_sequences(storage, date).sort_by("user_id"), quarantine(storage, date) if q else None
+
+
+def test_small_tasks_and_bucket_counts_give_the_same_result(tmp_path):
+    """Row groups split over many phase-1 tasks, and any bucket count, give the same sequences,
+    quarantine (in input order) and counts."""
+    table, _ = generate_events(SyntheticSpec(num_users=60, num_items=40, mean_events=8, days=1,
+                                             end_date=DAY, bad_rows=12))
+    results = []
+    for i, (buckets, rows_per_task) in enumerate([(1, 1_000_000), (5, 25), (64, 100)]):
+        storage = Storage(str(tmp_path / f"r{i}"))
+        storage.filesystem.create_dir(storage.path("events", f"dt={DAY}"), recursive=True)
+        pq.write_table(table.drop_columns(["dt"]) if "dt" in table.column_names else table,
+                       storage.path("events", f"dt={DAY}", "part-00000.parquet"), row_group_size=20)
+        report = prepare(storage, DAY, PrepareConfig(buckets=buckets, rows_per_task=rows_per_task))
+        assert report.reconciles() and report.buckets == buckets and report.nodes == 1
+        results.append((report, *_result(storage, DAY)))
+        users = read_sequences(storage, DAY)["user_id"]
+        assert len(storage.list_files("sequences", f"dt={DAY}")) == len(set(bucket_of(users, buckets)))
+    for report, sequences, quarantined in results[1:]:
+        assert {k: v for k, v in report.as_dict().items() if k != "buckets"} == \
+               {k: v for k, v in results[0][0].as_dict().items() if k != "buckets"}
+        assert sequences.equals(results[0][1])
+        assert quarantined.drop_columns(["source_file"]).equals(results[0][2].drop_columns(["source_file"]))
+
+
+def test_previous_day_in_another_layout_is_rebucketed(tmp_path):
+    """Yesterday written unbucketed (the old layout) or with another bucket count: re-bucketed in
+    phase 1, then written in the new layout; the result equals a full rebuild."""
+    full = Storage(str(tmp_path / "full"))
+    write_synthetic(full, SPEC)
+    prepare(full, "2024-01-03", PrepareConfig(max_len=500, incremental=False, buckets=8))
+    expected = read_sequences(full, "2024-01-03").sort_by("user_id")
+    for name, first_buckets, old_layout in (("old", 8, True), ("other", 3, False)):
+        storage = Storage(str(tmp_path / name))
+        write_synthetic(storage, SPEC)
+        prepare(storage, "2024-01-01", PrepareConfig(max_len=500, buckets=first_buckets))
+        prepare(storage, "2024-01-02", PrepareConfig(max_len=500, buckets=first_buckets))
+        if old_layout:  # as seqrec wrote it before buckets: part files and a manifest without a layout
+            old = read_sequences(storage, "2024-01-02")
+            manifest = storage.read_json("sequences", "dt=2024-01-02", "_SUCCESS")
+            storage.delete_dir("sequences", "dt=2024-01-02")
+            storage.write_table(old.slice(0, 40), "sequences", "dt=2024-01-02", "part-00000.parquet",
+                                row_group_size=16)
+            storage.write_table(old.slice(40), "sequences", "dt=2024-01-02", "part-00001.parquet")
+            storage.write_json({k: v for k, v in manifest.items() if k not in ("layout", "buckets")},
+                               "sequences", "dt=2024-01-02", "_SUCCESS")
+        report = prepare(storage, "2024-01-03", PrepareConfig(max_len=500, buckets=8))
+        assert report.mode == "incremental" and report.reconciles()
+        assert read_sequences(storage, "2024-01-03").sort_by("user_id").equals(expected)
+        names = {f.rsplit("/", 1)[1] for f in storage.list_files("sequences", "dt=2024-01-03")}
+        assert names <= {bucket_file(b) for b in range(8)} and len(names) == 8
+        assert storage.read_json("sequences", "dt=2024-01-03", "_SUCCESS")["buckets"] == 8
+
+
+def test_reconciliation_refuses_to_finish(storage):
+    """A task that miscounts: the stage raises and the date's earlier partition stays as it was."""
+    write_events(storage, events(["u1", "u2", "u2"], ["a", "b", "b"], [at(DAY, 1), at(DAY, 2), at(DAY, 2)],
+                                 ["view"] * 3))
+    prepare(storage, DAY, PrepareConfig())
+    before = read_sequences(storage, DAY).sort_by("user_id")
+
+    def miscount(task):
+        result = merge_bucket(task)
+        result.rows_kept += 1
+        return result
+
+    with pytest.raises(AssertionError, match="does not reconcile"):
+        prepare(storage, DAY, PrepareConfig(), merge=miscount)
+    assert storage.exists("sequences", f"dt={DAY}", "_SUCCESS")
+    assert read_sequences(storage, DAY).sort_by("user_id").equals(before)
+    assert not storage.list_dirs("sequences", "_staging", f"dt={DAY}")  # staged outputs cleaned up
+
+
+# --------------------------------------------------------------------------------------------
+# Unreadable files (issue 18)
+# --------------------------------------------------------------------------------------------
+def _truncated(storage: Storage, name: str) -> str:
+    good = write_events(storage, events([7, 8], [1, 2], [at(DAY, 1), at(DAY, 2)], ["view", "view"]),
+                        name=name)
+    data = storage.read_bytes("events", f"dt={DAY}", name)
+    storage.write_bytes(data[: len(data) // 2], "events", f"dt={DAY}", name)  # an upload cut short
+    return good
+
+
+def test_truncated_file_fails_naming_it(storage):
+    write_events(storage, events([1], [1], [at(DAY, 1)], ["view"]), name="part-00000.parquet")
+    bad = _truncated(storage, "part-00001.parquet")
+    with pytest.raises(InputError) as err:
+        prepare(storage, DAY, PrepareConfig())
+    assert bad in str(err.value) and "bad_files=quarantine" in str(err.value)
+    assert not storage.exists("sequences", f"dt={DAY}", "_SUCCESS")
+
+
+def test_truncated_file_is_quarantined_when_configured(storage):
+    write_events(storage, events([1, None], [1, 2], [at(DAY, 1), at(DAY, 2)], ["view", "view"]),
+                 name="part-00000.parquet")
+    bad = _truncated(storage, "part-00001.parquet")
+    report = prepare(storage, DAY, PrepareConfig(bad_files="quarantine"))
+    assert (report.files_read, report.files_quarantined) == (1, 1)
+    assert (report.rows_read, report.rows_kept, report.rows_quarantined) == (2, 1, 1)
+    assert report.reconciles()
+    assert set(by_user(storage)) == {1}
+    assert not storage.exists("events", f"dt={DAY}", "part-00001.parquet")          # moved aside
+    assert storage.exists("quarantine", f"dt={DAY}", "_files", DAY, "part-00001.parquet")
+    reason = storage.read_json("quarantine", f"dt={DAY}", "_files", DAY, "part-00001.parquet.reason.json")
+    assert reason["file"] == bad and "magic bytes" in reason["reason"]
+    assert quarantine(storage)["reason"].to_pylist() == ["user_id missing or empty"]   # row tables still read
+    assert storage.read_json("sequences", f"dt={DAY}", "_SUCCESS")["files_quarantined"] == 1
+    # The next run no longer sees the file, and keeps what was moved aside.
+    again = prepare(storage, DAY, PrepareConfig(bad_files="quarantine"))
+    assert again.files_quarantined == 0 and again.rows_read == 2
+    assert storage.exists("quarantine", f"dt={DAY}", "_files", DAY, "part-00001.parquet")
+
+
+def test_corrupt_pages_behind_a_valid_footer(storage):
+    write_events(storage, events([1], [1], [at(DAY, 1)], ["view"]), name="part-00000.parquet")
+    name = "part-00001.parquet"
+    write_events(storage, events(list(range(500)), list(range(500)), [at(DAY, 3)] * 500, ["view"] * 500),
+                 name=name)
+    data = bytearray(storage.read_bytes("events", f"dt={DAY}", name))
+    data[4:len(data) // 2] = b"\xff" * (len(data) // 2 - 4)       # pages garbled, footer intact
+    storage.write_bytes(bytes(data), "events", f"dt={DAY}", name)
+    with pytest.raises(InputError, match=name):
+        prepare(storage, DAY, PrepareConfig())
+    report = prepare(storage, DAY, PrepareConfig(bad_files="quarantine"))
+    assert (report.files_quarantined, report.rows_read, report.rows_kept) == (1, 1, 1)
