@@ -170,8 +170,9 @@ def _sorted_sessions(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # Memory per stage
 # --------------------------------------------------------------------------------------------
 class StageMemory(logging.Handler):
-    """Peak memory per stage of a night: the nightly job logs ``== <stage> ==`` as each stage begins,
-    and this handler closes the previous stage's peaks there."""
+    """Peak memory per stage of a night: the job logs ``== <stage> ==`` as each stage begins
+    (``seqrec.runtime.timed``, or the nightly module's own timer), and this handler closes the
+    previous stage's peaks there."""
 
     def __init__(self, interval_s: float = 0.25):
         super().__init__(level=logging.INFO)
@@ -203,8 +204,8 @@ class StageMemory(logging.Handler):
                 self._driver_peak = max(self._driver_peak, self.driver.memory_info().rss)
 
     def __enter__(self) -> "StageMemory":
-        logging.getLogger("seqrec.nightly").addHandler(self)
-        logging.getLogger("seqrec.nightly").setLevel(logging.INFO)
+        logging.getLogger("seqrec").addHandler(self)
+        logging.getLogger("seqrec").setLevel(logging.INFO)
         self.tree.__enter__()
         self._thread = threading.Thread(target=self._run, name="driver-rss", daemon=True)
         self._thread.start()
@@ -215,7 +216,7 @@ class StageMemory(logging.Handler):
         self._stop.set()
         self._thread.join()
         self.tree.__exit__(*exc)
-        logging.getLogger("seqrec.nightly").removeHandler(self)
+        logging.getLogger("seqrec").removeHandler(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,6 +386,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 COLUMNS = ["night", "stage", "wall_s", "driver_peak_rss_gib", "peak_mem_gib"]
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu() -> dict[str, Any]:
+    """CPU model and the vector flags that decide training speed (hosts of this kind differ)."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "vector_flags": [f for f in VECTOR_FLAGS if f in flags]}
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -414,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         measured = {r["users"] for r in rows}
         rows = sorted([r for r in json.loads(out.read_text())["rows"] if r["users"] not in measured] + rows,
                       key=lambda r: r["users"])
-    path = harness.write_results(name, {"settings": settings, "rows": rows}, out)
+    path = harness.write_results(name, {"settings": settings, "cpu": cpu(), "rows": rows}, out)
     print(f"wrote {path}")
     return 0
 

@@ -237,7 +237,9 @@ def run(args) -> int:
     config = _config(args)
     if args.command == "prepare":
         from seqrec.prepare import prepare
+        from seqrec.runtime import init_ray
 
+        init_ray(args.ray_address)  # the stage runs as Ray tasks: join --ray-address's cluster
         print(json.dumps(prepare(storage, date, config.prepare).as_dict(), indent=2))
         return 0
 

@@ -64,6 +64,7 @@ class PrepareReport:
     mode: str = "full"
     buckets: int = 0
     nodes: int = 0                    # Ray nodes the stage's tasks ran on
+    layout: str = ""                  # how sequences/dt=D is split into files (LAYOUT)
 
     def reconciles(self) -> bool:
         return self.rows_read == self.rows_kept + self.rows_quarantined + self.duplicates_dropped
@@ -580,7 +581,7 @@ def prepare(storage: Storage, date: str, config: PrepareConfig, *,
     if config.buckets < 1 or config.rows_per_task < 1:
         raise ValueError(f"prepare.buckets and prepare.rows_per_task must be >= 1, got {config.buckets}, "
                          f"{config.rows_per_task}")
-    report = PrepareReport(date=date, buckets=config.buckets)
+    report = PrepareReport(date=date, buckets=config.buckets, layout=LAYOUT)
     previous = _previous_day(date)
     have_previous = config.incremental and storage.exists("sequences", f"dt={previous}", "_SUCCESS")
     if have_previous:
@@ -705,7 +706,7 @@ def prepare(storage: Storage, date: str, config: PrepareConfig, *,
             if r.users:
                 storage.move_file(t.out, "sequences", f"dt={date}", bucket_file(t.bucket))
         _publish_quarantine(storage, date, quarantined, bad_files)
-        storage.write_json({**report.as_dict(), "layout": LAYOUT}, "sequences", f"dt={date}", "_SUCCESS")
+        storage.write_json(report.as_dict(), "sequences", f"dt={date}", "_SUCCESS")
     finally:
         storage.delete_dir(*staging_parts)
     log.info("prepare %s (%s): read %d = kept %d + quarantined %d + duplicates %d; %d users, %d items, "

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 import pytest
 
 from seqrec.publish import read_partition
@@ -111,3 +112,61 @@ def test_ray_job_submit_publishes_the_night(two_node_cluster):
     assert "succeeded" in job.stdout
     table = read_partition(Storage(root), "recommendations", "2024-01-07")
     assert table is not None and table.num_rows == 2000
+
+
+def _submit(address: str, env: dict[str, str], ray: str, entrypoint: str) -> subprocess.CompletedProcess:
+    for _ in range(30):  # the job agent registers a few seconds after `ray start` returns
+        job = subprocess.run([ray, "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
+                              *entrypoint.split()], env=env, capture_output=True, text=True, timeout=600,
+                             cwd=REPO)
+        if "No available agent" not in job.stderr:
+            return job
+        time.sleep(2)
+    return job
+
+
+def task_nodes(address: str, names: set[str]) -> dict[str, set[str]]:
+    """Ray's own record of where the cluster ran tasks of these function names: name -> node ids.
+    (The evaluate half of the two-node test can ask the same of its actor pool's tasks.)"""
+    from ray.util.state import list_tasks
+
+    nodes: dict[str, set[str]] = {}
+    for task in list_tasks(address=address, limit=10_000, raise_on_missing_output=False):
+        name = task.func_or_class_name.rsplit(".", 1)[-1]
+        if name in names and task.node_id:
+            nodes.setdefault(name, set()).add(task.node_id)
+    return nodes
+
+
+def test_prepare_runs_on_both_nodes_and_equals_one_node(two_node_cluster, ray_local, tmp_path, monkeypatch):
+    """A night's prepare tasks run on both nodes of the cluster, and its sequences, quarantine and
+    counts equal the same prepare on the single-node Ray of this process, row for row."""
+    from seqrec.config import PrepareConfig
+    from seqrec.prepare import prepare, read_sequences
+    from seqrec.synthetic import SyntheticSpec, write_synthetic
+
+    address, env, ray = two_node_cluster
+    spec = SyntheticSpec(num_users=300, num_items=80, mean_events=12, bad_rows=20)
+    cluster, local = Storage(str(tmp_path / "cluster")), Storage(str(tmp_path / "local"))
+    for storage in (cluster, local):
+        write_synthetic(storage, spec)
+    job = _submit(address, env, ray, f"python jobs/prepare.py --root {cluster.root} --date {spec.end_date} "
+                                     "--set prepare.buckets=16 --set prepare.rows_per_task=1000")
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    on_cluster = cluster.read_json("sequences", f"dt={spec.end_date}", "_SUCCESS")
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    nodes = task_nodes(address, {"stage_events", "merge_bucket"})
+    assert len(nodes["stage_events"] | nodes["merge_bucket"]) == 2, nodes
+    assert on_cluster["nodes"] == 2
+
+    single = prepare(local, spec.end_date, PrepareConfig(buckets=16, rows_per_task=1000))
+    assert single.nodes == 1
+    assert {k: v for k, v in on_cluster.items() if k != "nodes"} == \
+           {k: v for k, v in single.as_dict().items() if k != "nodes"}
+    assert read_sequences(cluster, spec.end_date).sort_by("user_id").equals(
+        read_sequences(local, spec.end_date).sort_by("user_id"))
+    quarantined = [pa.concat_tables([s.read_table(f[len(s.base) + 1:]).drop_columns(["source_file"])
+                                     for f in s.list_files("quarantine", f"dt={spec.end_date}")])
+                   for s in (cluster, local)]
+    assert quarantined[0].num_rows == single.rows_quarantined and quarantined[0].equals(quarantined[1])
