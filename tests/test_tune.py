@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -44,14 +43,15 @@ def test_the_starting_point_is_always_in_the_space():
 
 
 @pytest.mark.slow
-def test_a_budgeted_search_writes_a_config_that_loads_and_resumes(ray_local, tmp_path, capsys):
-    """Two trials of the real training stage (at once) under ASHA, then the same name again: restored."""
+def test_a_budgeted_search_writes_a_config_that_loads_and_resumes(ray_local, s3_root, tmp_path, capsys):
+    """Two trials of the real training stage (at once) under ASHA on an S3 root, then the same name
+    again: restored."""
     from seqrec.cli import main
     from seqrec.prepare import prepare
     from seqrec.storage import Storage
     from seqrec.synthetic import SyntheticSpec, write_synthetic
 
-    storage = Storage(str(tmp_path / "root"))
+    storage = Storage(s3_root)
     spec = SyntheticSpec(num_users=300, num_items=60, days=2, end_date="2024-01-02", bad_rows=0)
     write_synthetic(storage, spec)
     prepare(storage, spec.end_date, load_config().prepare)
@@ -80,13 +80,18 @@ def test_a_budgeted_search_writes_a_config_that_loads_and_resumes(ray_local, tmp
     assert (chosen.model.hidden_size, chosen.train.num_workers, chosen.train.epochs) == (16, 2, 2)
     stored = storage.read_bytes("tune", "small", "chosen.yaml")
     assert yaml.safe_load(stored) == yaml.safe_load(out.read_text())
-    runs = Path(storage.path("tune", "small", "runs"))
-    assert sorted(p.name for p in runs.iterdir()) == sorted(t["trial"] for t in trials)   # each trial's run
-    checkpoints = sorted(str(p) for p in runs.rglob("checkpoint_*"))
+    runs = ("tune", "small", "runs")
+    assert storage.list_dirs(*runs) == sorted(t["trial"] for t in trials)           # each trial's run
+
+    def checkpoints() -> list[str]:
+        return [f"{t}/{c}" for t in storage.list_dirs(*runs) for c in storage.list_dirs(*runs, t)]
+
+    before = checkpoints()
+    assert len(before) >= 2
 
     assert main(args) == 0                                                         # same name: restored
     again = json.loads(storage.read_bytes("tune", "small", "report.json"))
     assert again["restored"]
     assert [(t["trial"], t["val_ndcg"]) for t in again["trials"]] == [(t["trial"], t["val_ndcg"])
                                                                       for t in trials]
-    assert sorted(str(p) for p in runs.rglob("checkpoint_*")) == checkpoints          # nothing trained again
+    assert checkpoints() == before                                                 # nothing trained again
