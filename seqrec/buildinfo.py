@@ -29,3 +29,28 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{__version__}+{sha}" if sha else __version__
+
+
+def stamp() -> str:
+    """Write the checkout's code version into the package (``seqrec/_build_version.txt``)."""
+    version = code_version()
+    if "+" not in version:
+        raise SystemExit("seqrec.buildinfo: no git commit to stamp here (not a checkout, or git missing)")
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    version += ".dirty" if dirty and not version.endswith(".dirty") else ""
+    STAMP.write_text(version + "\n")
+    return version
+
+
+if __name__ == "__main__":
+    # python -m seqrec.buildinfo [--stamp]: print the code version (--stamp: write it first; run this
+    # before `ray up cluster.yaml`, whose synced copy of the checkout has no .git).
+    import sys
+
+    if "--stamp" in sys.argv[1:]:
+        if STAMP.is_file():
+            STAMP.unlink()  # a stale stamp must not win over git
+        print(stamp())
+    else:
+        print(code_version())

@@ -82,8 +82,10 @@ def test_node_types():
     assert set(types) == {HEAD, GPU}
 
     head = types[HEAD]
-    assert head["resources"].get("CPU", 0) >= 1
+    # Issue 18: the head schedules no Ray work (was `>= 1` when prepare/evaluate ran as head tasks).
+    assert head["resources"].get("CPU", 0) == 0
     assert head["resources"].get("GPU", 0) == 0
+    assert any("--num-cpus=0" in c for c in config["head_start_ray_commands"])
 
     gpu = types[GPU]
     assert gpu["min_workers"] == 0, "GPU workers must scale to zero between nightly runs"
@@ -120,6 +122,8 @@ def test_setup_installs_seqrec_from_the_mounted_checkout():
     assert (REPO / mounts["~/seqrec"] / "pyproject.toml").is_file()
     setup = " ".join(config["setup_commands"])
     assert "pip install" in setup and "~/seqrec" in setup
+    assert "-c ~/seqrec/constraints.txt" in setup and "constraints-test" not in setup
+    assert "_build_version.txt" in setup, "the synced checkout has no .git: the code version must be stamped"
     # A CPU-only torch would silently make the GPU workers train on CPU.
     assert "+cpu" not in setup and "whl/cpu" not in setup
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]

@@ -131,8 +131,10 @@ def _missing_group(m):     del m["spec"]["rayClusterSpec"]["workerGroupSpecs"][0
 def _bad_secret_ref(m):    _containers(m["spec"])[0]["env"][2]["valueFrom"] = {"secretRef": {"name": "x"}}
 
 
-@pytest.mark.parametrize("break_it", [_typo_top, _typo_container, _wrong_type, _missing_group, _bad_secret_ref],
-                         ids=lambda f: f.__name__.lstrip("_"))
+BREAKAGES = [_typo_top, _typo_container, _wrong_type, _missing_group, _bad_secret_ref]
+
+
+@pytest.mark.parametrize("break_it", BREAKAGES, ids=lambda f: f.__name__.lstrip("_"))
 def test_a_broken_manifest_is_rejected(break_it):
     manifest = copy.deepcopy(load("RayJob"))
     break_it(manifest)
