@@ -38,6 +38,7 @@ def test_filter_drops_only_the_known_harmless():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a whole night in a subprocess, maybe twice (see below)
 def test_demo_night_prints_the_story_without_rays_harmless_lines(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_DEDUP", "RAY_DATA_LOGGING", "RAY_ADDRESS"))}
