@@ -30,6 +30,8 @@ def _ts(n: int) -> pa.Array:
     return pa.array([dt.datetime(2024, 1, 7, 12, tzinfo=dt.timezone.utc)] * n, pa.timestamp("us", tz="UTC"))
 
 
+# Tests that reach a stage pass ray_local: prepare runs as Ray tasks, and the CLI joins the session's
+# Ray instead of starting its own.
 def _user_error(capsys, argv: list[str], *expected: str) -> str:
     """Run ``seqrec argv``; it must exit 2 with one ``seqrec: error:`` line naming ``expected``."""
     status = main(argv)
@@ -57,13 +59,13 @@ def test_bad_override_is_one_line(capsys, tmp_path):
                 "cannot read config file", "nope.yaml")
 
 
-def test_missing_ts_column_is_one_line(capsys, tmp_path):
+def test_missing_ts_column_is_one_line(capsys, tmp_path, ray_local):
     _events(tmp_path, pa.table({"user_id": [1, 2], "item_id": [3, 4]}))
     _user_error(capsys, ["prepare", "--root", str(tmp_path), "--date", DAY],
                 "missing required column(s) ['ts']", "part-00000.parquet")
 
 
-def test_every_row_rejected_is_one_line(capsys, tmp_path):
+def test_every_row_rejected_is_one_line(capsys, tmp_path, ray_local):
     _events(tmp_path, pa.table({"user_id": pa.array([None, None], pa.int64()), "item_id": [3, 4],
                                 "ts": _ts(2)}))
     _user_error(capsys, ["prepare", "--root", str(tmp_path), "--date", DAY], "rejected")
@@ -95,7 +97,7 @@ def test_date_from_the_environment(capsys, tmp_path, monkeypatch):
     _user_error(capsys, ["prepare", "--root", str(tmp_path)], "SEQREC_DATE '2024-01-32' is not a date")
 
 
-def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, ray_local):
     import seqrec.prepare
 
     def broken(*args, **kwargs):
