@@ -196,3 +196,25 @@ def data_shape(sequences: pa.Table) -> DataShape:
     return DataShape(users=sequences.num_rows, items=len(pc.unique(flat)), interactions=int(lengths.sum()),
                      length_p50=float(p50), length_p95=float(p95), length_max=int(lengths.max(initial=0)),
                      event_types=types)
+
+
+def user_sample(user_ids: pa.Array | pa.ChunkedArray, fraction: float) -> np.ndarray:
+    """(B,) bool: whether each user is in the evaluation sample of about ``fraction`` of all users.
+
+    A stable hash of the id (pandas' fixed-key hash, the same in every process and release), not a
+    random draw: every model evaluated tonight is judged on the same users, and a re-run agrees.
+    """
+    if fraction >= 1.0:
+        return np.ones(len(user_ids), dtype=bool)
+    hashes = pd.util.hash_array(user_ids.to_numpy(zero_copy_only=False))
+    return (hashes >> np.uint64(11)).astype(np.float64) * 2.0 ** -53 < fraction
+
+
+def sample_fraction(max_users: int, users: int) -> float:
+    """The share of ``users`` that evaluates about ``max_users`` of them (0: all)."""
+    return 1.0 if not max_users or users <= max_users else max_users / users
+
+
+def sampled(batch: pa.Table, fraction: float) -> pa.Table:
+    """The rows of ``batch`` whose user is in the sample (a Ray Data batch function)."""
+    return batch if fraction >= 1.0 else batch.filter(pa.array(user_sample(batch["user_id"], fraction)))

@@ -134,11 +134,16 @@ def rank_unseen(queries: torch.Tensor, items: torch.Tensor, seen: torch.Tensor, 
     return Ranked(scores=best_scores, indices=best_indices, target_rank=target_rank)
 
 
-def ranking_metrics(ranks: torch.Tensor, ks: list[int]) -> dict[str, float]:
-    """HR@k, NDCG@k (one relevant item) and MRR from 1-based ranks; sums, not means."""
-    out: dict[str, float] = {"mrr": (1.0 / ranks).sum().item()}
+def user_metrics(ranks: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:
+    """(B,) HR@k, NDCG@k (one relevant item) and reciprocal rank of each user, from 1-based ranks."""
+    out: dict[str, torch.Tensor] = {"mrr": 1.0 / ranks}
     for k in ks:
         hit = ranks <= k
-        out[f"hr@{k}"] = hit.sum().item()
-        out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 1.0), torch.zeros_like(ranks)).sum().item()
+        out[f"hr@{k}"] = hit.to(ranks.dtype)
+        out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 1.0), torch.zeros_like(ranks))
     return out
+
+
+def ranking_metrics(ranks: torch.Tensor, ks: list[int]) -> dict[str, float]:
+    """HR@k, NDCG@k and MRR from 1-based ranks; sums, not means."""
+    return {name: values.sum().item() for name, values in user_metrics(ranks, ks).items()}

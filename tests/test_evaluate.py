@@ -12,15 +12,18 @@ import datetime as dt
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 
-from seqrec.artifact import Artifact, save
-from seqrec.config import EvalConfig
-from seqrec.data import Vocabulary
-from seqrec.evaluate import evaluate, evaluation_rows, popularity_metrics, split_batches
+from seqrec.artifact import Artifact, load, save
+from seqrec.config import EvalConfig, ScoreConfig
+from seqrec.data import Vocabulary, user_sample
+from seqrec.evaluate import (Judged, evaluate, evaluate_models, evaluation_rows, popularity_metrics, split_batches,
+                             summary_table)
 from seqrec.model import build_model
-from seqrec.score import Recommender
+from seqrec.ranking import rank_unseen, user_metrics
+from seqrec.score import Recommender, unavailable_items
 from seqrec.storage import Storage
 
 NUM_ITEMS = 12
@@ -88,3 +91,128 @@ def test_scoring_never_recommends_an_item_seen_before_the_models_context(tmp_pat
     out = recommender(sequences)
     for items, recommended in zip(sequences["item_ids"].to_pylist(), out["items"].to_pylist()):
         assert sorted(recommended) == sorted(set(range(1, NUM_ITEMS + 1)) - set(items))   # the one unseen item
+
+
+# ---------------------------------------------------------------------------------------------
+# The night's evaluation on the actor pool: the same metrics, one pass for several models
+# ---------------------------------------------------------------------------------------------
+POOL_ITEMS = 40
+DATE = "2024-01-05"
+
+
+def pool_sequences(users: int = 240, seed: int = 3) -> pa.Table:
+    """Histories of 1..30 items (longer than the context; users with one item have no target)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 31, users)
+    weights = 1.0 / np.arange(1, POOL_ITEMS + 1)
+    sequences = [list(rng.choice(np.arange(1, POOL_ITEMS + 1), size=n, p=weights / weights.sum())) for n in lengths]
+    return pa.table({"user_id": pa.array(np.arange(1000, 1000 + users), pa.int64()),
+                     "item_ids": pa.array(sequences, pa.list_(pa.int64())),
+                     "event_types": pa.array([["interaction"] * len(s) for s in sequences], pa.list_(pa.string()))})
+
+
+def pool_model(vocab: Vocabulary, seed: int):
+    torch.manual_seed(seed)
+    return build_model(vocab.num_items, hidden_size=8, num_layers=1, num_heads=2, max_len=6, dropout=0.0,
+                       num_event_types=1).eval()
+
+
+@pytest.fixture(scope="module")
+def judged_night(tmp_path_factory):
+    """Tonight's sequences (in two files), a catalogue with the most popular items unavailable, and two
+    saved models with different vocabularies (the live one knows fewer items)."""
+    storage = Storage(str(tmp_path_factory.mktemp("judged")))
+    sequences = pool_sequences()
+    storage.write_table(sequences.slice(0, 100), "sequences", f"dt={DATE}", "part-0.parquet")
+    storage.write_table(sequences.slice(100), "sequences", f"dt={DATE}", "part-1.parquet")
+    item_ids = np.arange(1, POOL_ITEMS + 1)
+    storage.write_table(pa.table({"item_id": item_ids, "available": item_ids > 3}), "items", "catalogue.parquet")
+    vocabs = {}
+    for name, known, seed in (("cand", POOL_ITEMS, 0), ("live", POOL_ITEMS - 5, 1)):
+        vocab = Vocabulary.build(pa.array(item_ids[:known]), ["interaction"])
+        vocab.counts = np.concatenate([[0], np.bincount(pc.list_flatten(sequences["item_ids"]).to_numpy(),
+                                                        minlength=POOL_ITEMS + 1)[1:known + 1]]).astype(np.int64)
+        save(storage, Artifact(version=name, model=pool_model(vocab, seed), vocab=vocab))
+        vocabs[name] = vocab
+    return storage, sequences
+
+
+POOL = ScoreConfig(num_actors=2, cpus_per_actor=0.5, batch_size=64, object_store_gib=0.1)
+JUDGED = [Judged("candidate", "cand"), Judged("live", "live", splits=("val",))]
+
+
+def in_process(storage: Storage, sequences: pa.Table, version: str, config: EvalConfig, splits) -> dict:
+    loaded = load(storage, version)
+    return evaluate(loaded.model, loaded.vocab, sequences, config, splits=splits,
+                    never_recommend=unavailable_items(storage, loaded.vocab))
+
+
+def assert_same_metrics(pool: dict, reference: dict, splits) -> None:
+    assert pool["catalogue_size"] == reference["catalogue_size"]
+    for split in splits:
+        assert pool[split]["users"] == reference[split]["users"]
+        for who in ("model", "popularity"):
+            assert pool[split][who] == pytest.approx(reference[split][who], rel=1e-6, abs=1e-9), (split, who)
+
+
+def test_pool_metrics_equal_in_process_evaluation_with_unavailable_items(ray_local, judged_night):
+    storage, sequences = judged_night
+    config = EvalConfig(ks=[5, 10], batch_size=16, max_users=0)
+    results = evaluate_models(storage, DATE, JUDGED, config, POOL)
+    assert set(results) == {"candidate", "live"} and set(results["live"]) >= {"val"} and "test" not in results["live"]
+    for judged in JUDGED:
+        reference = in_process(storage, sequences, judged.version, config, judged.splits)
+        assert_same_metrics(results[judged.name], reference, judged.splits)
+        assert results[judged.name]["sample"] == {"max_users": 0, "fraction": 1.0, "users": 240, "of": 240}
+    # The exclusion made a difference the pool reproduced (unavailable items are neither ranked nor targets).
+    loaded = load(storage, "cand")
+    unmasked = evaluate(loaded.model, loaded.vocab, sequences, config)
+    for who in ("model", "popularity"):
+        assert unmasked["test"][who]["mrr"] != pytest.approx(results["candidate"]["test"][who]["mrr"], rel=1e-3)
+    # Standard errors: sample std / sqrt(n) of the per-user values, checked for popularity by hand.
+    batch = next(split_batches(sequences, loaded.vocab, 6, holdout=0, batch_size=10_000))
+    ranks = rank_unseen(torch.ones(len(batch["items"]), 1), torch.from_numpy(loaded.vocab.popularity())[:, None],
+                        batch["seen"], 10, excluded=torch.from_numpy(unavailable_items(storage, loaded.vocab)),
+                        targets=batch["items"][:, -1]).target_rank
+    stderr = results["candidate"]["test"]["stderr"]
+    for name, values in user_metrics(ranks, [5, 10]).items():
+        values = values.double().numpy()
+        assert stderr["popularity"][name] == pytest.approx(values.std(ddof=1) / np.sqrt(len(values)), rel=1e-6)
+    for split in ("val", "test"):
+        result = results["candidate"][split]
+        for who in ("model", "popularity"):
+            assert set(result["stderr"][who]) == set(result[who])
+            assert all(0 < se < 0.1 for se in result["stderr"][who].values())
+            for k in (5, 10):          # a hit is 0 or 1: its standard error is sqrt(p (1 - p) / (n - 1))
+                hr = result[who][f"hr@{k}"]
+                assert result["stderr"][who][f"hr@{k}"] == pytest.approx(np.sqrt(hr * (1 - hr) / (result["users"] - 1)))
+    assert "± s.e." in summary_table(results["candidate"], "val")
+
+
+def test_hash_sample_is_stable_and_the_same_users_for_every_model(ray_local, judged_night):
+    storage, sequences = judged_night
+    ids = sequences["user_id"]
+    assert np.array_equal(user_sample(ids, 0.4), user_sample(ids, 0.4))            # stable
+    assert not (user_sample(ids, 0.2) & ~user_sample(ids, 0.4)).any()            # nested in the share
+    assert 60 < user_sample(ids, 0.4).sum() < 130
+    as_text = pa.array([str(u) for u in ids.to_pylist()])
+    assert np.array_equal(user_sample(as_text, 0.4), user_sample(as_text, 0.4))
+
+    config = EvalConfig(ks=[5, 10], batch_size=16, max_users=96)
+    results = evaluate_models(storage, DATE, JUDGED, config, POOL)
+    chosen = sequences.filter(pa.array(user_sample(ids, 96 / 240)))
+    assert results["candidate"]["sample"] == results["live"]["sample"] == {
+        "max_users": 96, "fraction": 0.4, "users": chosen.num_rows, "of": 240}
+    # The in-process path samples the same users: the metrics agree, for both models.
+    for judged in JUDGED:
+        reference = in_process(storage, sequences, judged.version, config, judged.splits)
+        assert_same_metrics(results[judged.name], reference, judged.splits)
+        assert_same_metrics(results[judged.name], in_process(storage, chosen, judged.version,
+                                                             EvalConfig(ks=[5, 10], max_users=0), judged.splits),
+                            judged.splits)
+    # A re-run judges the same users (sums may be added in another order: the last bits may differ).
+    again = evaluate_models(storage, DATE, JUDGED[:1], config, POOL)["candidate"]["val"]
+    assert again["users"] == results["candidate"]["val"]["users"]
+    for key in ("model", "popularity"):
+        assert again[key] == pytest.approx(results["candidate"]["val"][key], rel=1e-12)
+        assert again["stderr"][key] == pytest.approx(results["candidate"]["val"]["stderr"][key], rel=1e-9)
