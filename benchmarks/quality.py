@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    overrides = (SMOKE_OVERRIDES if args.smoke else []) + args.overrides
+    # A quality number is a full evaluation: every user, not the nightly gate's sample.
+    overrides = ["eval.max_users=0"] + (SMOKE_OVERRIDES if args.smoke else []) + args.overrides
     config = load_config(args.config, overrides)
     if (config.model.text_encoder or args.cold_start) and not (args.titles or (args.smoke and not args.data)):
         raise SystemExit("a text-aware model (model.text_encoder, --cold-start) needs item titles: pass --titles "
