@@ -136,6 +136,11 @@ def save(storage: Storage, artifact: Artifact) -> str:
     return storage.uri("models", artifact.version)
 
 
+def write_metrics(storage: Storage, version: str, metrics: dict[str, Any]) -> None:
+    """Replace ``models/<version>/metrics.json``: a saved candidate's metrics once it has been evaluated."""
+    storage.write_json(metrics, "models", version, "metrics.json")
+
+
 def load(storage: Storage, version: str, cache_dir: str | Path | None = None) -> Artifact:
     if not storage.exists("models", version, "config.json"):
         raise ArtifactError(f"no model {version!r} under {storage.uri('models')}")

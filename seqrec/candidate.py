@@ -1,8 +1,10 @@
-"""One path to a candidate model: train -> evaluate -> artifact -> save.
+"""One path to a candidate model: train -> save -> evaluate -> metrics.
 
 Both ``seqrec train`` and the nightly job call :func:`train_candidate`, so a candidate is made the
 same way whichever started it, with one warm-start rule: fine-tune from the promoted model when
-there is one and ``train.warm_start`` is set.
+there is one and ``train.warm_start`` is set. The candidate is saved before it is evaluated: the
+evaluation actor pool (:func:`seqrec.evaluate.evaluate_models`) loads it from its artifact, and
+judges the live model in the same pass; ``metrics.json`` is completed afterwards.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pyarrow as pa
 
 from seqrec import artifact as artifacts
 from seqrec.config import Config
-from seqrec.evaluate import evaluate
+from seqrec.evaluate import Judged, evaluate_models
 from seqrec.runtime import timed
 from seqrec.storage import Storage
 from seqrec.training import TrainResult, train
@@ -30,7 +32,7 @@ class Candidate:
     result: TrainResult
     metrics: dict[str, Any]                     # the candidate's evaluation (val and test)
     live_version: str | None                    # the promoted model when the candidate was made
-    live: artifacts.Artifact | None             # loaded when warm-started from or compared with
+    live: artifacts.Artifact | None             # loaded when warm-started from
     live_metrics: dict[str, Any] | None         # the live model's validation metrics, when compared
     parent: str | None                          # the model it was warm-started from
     location: str                               # where the artifact was saved
@@ -67,22 +69,22 @@ def train_candidate(storage: Storage, date: str, config: Config, sequences: pa.T
     """
     timings = {} if timings is None else timings
     live_version = artifacts.promoted_version(storage)
-    wanted = live_version and (config.train.warm_start or compare_with_live)
-    live = artifacts.load(storage, live_version) if wanted else None
-    parent = live if config.train.warm_start else None
+    live = artifacts.load(storage, live_version) if live_version and config.train.warm_start else None
     version = artifacts.new_version(date)
     with timed(timings, "train"):
         result = train(storage, sequences, model_config=config.model, train_config=config.train,
-                       prepare_config=config.prepare, run_name=f"train-{version}", parent=parent,
+                       prepare_config=config.prepare, run_name=f"train-{version}", parent=live,
                        text_features_fn=text_features_for(config, storage), ks=config.eval.ks)
+    parent_version = live_version if live is not None else None
+    artifact = candidate_artifact(storage, date, config, result, version, parent_version, {})
+    location = artifacts.save(storage, artifact)
     with timed(timings, "evaluate"):
-        metrics = evaluate(result.model, result.vocab, sequences, config.eval)
-        live_metrics = None
-        if compare_with_live and live is not None:
-            live_metrics = evaluate(live.model, live.vocab, sequences, config.eval, splits=("val",))
-    parent_version = live_version if parent is not None else None
-    location = artifacts.save(storage, candidate_artifact(
-        storage, date, config, result, version, parent_version,
-        {**metrics, "live_val": live_metrics["val"] if live_metrics else None}))
+        judged = [Judged("candidate", version)]
+        if compare_with_live and live_version:
+            judged.append(Judged("live", live_version, splits=("val",)))
+        evaluation = evaluate_models(storage, date, judged, config.eval, config.score)
+    metrics, live_metrics = evaluation["candidate"], evaluation.get("live")
+    artifacts.write_metrics(storage, version, {**artifact.metrics, **metrics,
+                                               "live_val": live_metrics["val"] if live_metrics else None})
     return Candidate(version=version, result=result, metrics=metrics, live_version=live_version, live=live,
                      live_metrics=live_metrics, parent=parent_version, location=location)

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--promote", action="store_true", help="also make it the live model")
 
-    p = sub.add_parser("evaluate", help="leave-one-out metrics of a model (default: the promoted one)")
+    p = sub.add_parser("evaluate", help="leave-one-out metrics of a model (default: the promoted one) on "
+                                        "eval.max_users users (--set eval.max_users=0: all)")
     _common(p)
     p.add_argument("--model", default=None, help="model version under models/ (default: the promoted one)")
 
@@ -296,14 +297,10 @@ def run(args) -> int:
         print(f"model {candidate.version}: {candidate.location}")
         return 0
     if args.command == "evaluate":
-        from seqrec import artifact
-        from seqrec.evaluate import evaluate, summary_table
-        from seqrec.data import SEQUENCE_COLUMNS
-        from seqrec.prepare import read_sequences
+        from seqrec.evaluate import Judged, evaluate_models, summary_table
 
-        model = artifact.load(storage, version)
-        sequences = read_sequences(storage, date, columns=SEQUENCE_COLUMNS)
-        metrics = evaluate(model.model, model.vocab, sequences, config.eval)
+        judged = [Judged(version, version)]
+        metrics = evaluate_models(storage, date, judged, config.eval, config.score)[version]
         print(summary_table(metrics, "val"), summary_table(metrics, "test"), sep="\n")
         return 0
     if args.command == "score":

@@ -30,7 +30,8 @@ from seqrec.config import EvalConfig, ScoreConfig
 from seqrec.data import Vocabulary, encode, longest, sample_fraction, sampled
 from seqrec.model import SeqRecModel, query_inputs
 from seqrec.ranking import rank_unseen, ranking_metrics, user_metrics
-from seqrec.score import RankingModel, on_actor_pool, sequence_columns, sequence_dataset, sequence_files, sequence_rows
+from seqrec.score import (RankingModel, on_actor_pool, sequence_columns, sequence_dataset, sequence_files,
+                          sequence_rows)
 from seqrec.storage import Storage
 
 log = logging.getLogger("seqrec.evaluate")
@@ -75,8 +76,8 @@ def evaluate_batches(model: SeqRecModel, batches, ks: list[int], device: torch.d
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 queries = model.user_vectors(inputs, input_types)
             queries = queries.float()
-            ranked = rank_unseen(queries, table, batch["seen"].to(device), k=max(ks), excluded=never_recommend,
-                                 targets=targets)
+            ranked = rank_unseen(queries, table, batch["seen"].to(device), k=max(ks),
+                                 excluded=never_recommend, targets=targets)
             for key, value in ranking_metrics(ranked.target_rank, ks).items():
                 totals[key] = totals.get(key, 0.0) + value
             totals["users"] += len(targets)
@@ -121,7 +122,8 @@ def popularity_metrics(batches: Iterator[dict[str, torch.Tensor]], vocab: Vocabu
 
 
 def evaluate(model: SeqRecModel, vocab: Vocabulary, sequences: pa.Table, config: EvalConfig,
-             splits: tuple[str, ...] = ("val", "test"), never_recommend: np.ndarray | None = None) -> dict[str, Any]:
+             splits: tuple[str, ...] = ("val", "test"),
+             never_recommend: np.ndarray | None = None) -> dict[str, Any]:
     """Metrics of ``model`` and of popularity on the validation and test targets, in this process.
 
     ``never_recommend``: (N+1,) bool, items never ranked (:func:`seqrec.score.unavailable_items`).
@@ -167,7 +169,8 @@ class Evaluator:
             torch.set_num_threads(torch_threads)
         storage = Storage(root)
         # float32 on every device: near-ties must not be decided by bf16 rounding.
-        self.models = [(j, RankingModel(storage, j.version, device=device, low_precision=False)) for j in judged]
+        self.models = [(j, RankingModel(storage, j.version, device=device, low_precision=False))
+                       for j in judged]
         self.ks, self.item_chunk = ks, item_chunk
 
     def _sums(self, ranks: torch.Tensor) -> dict[str, float]:
@@ -184,8 +187,8 @@ class Evaluator:
         seen = torch.from_numpy(rows["seen"]).long().to(ranker.device)
         targets, k = items[:, -1], max(self.ks)
         queries = ranker.user_vectors(items[:, :-1], types[:, :-1]).float()
-        model = rank_unseen(queries, ranker.items.float(), seen, k, excluded=ranker.never_recommend, targets=targets,
-                            chunk_size=self.item_chunk)
+        model = rank_unseen(queries, ranker.items.float(), seen, k, excluded=ranker.never_recommend,
+                            targets=targets, chunk_size=self.item_chunk)
         ones = torch.ones(len(items), 1, device=ranker.device)
         popularity = rank_unseen(ones, ranker.popularity[:, None], seen, k, excluded=ranker.never_recommend,
                                  targets=targets, chunk_size=self.item_chunk)
@@ -235,8 +238,8 @@ def evaluate_models(storage: Storage, date: str, judged: list[Judged], config: E
                        for j in judged)
     columns = sequence_columns(bool(embeds_types))
     dataset = sequence_dataset(storage, files, rows, columns, pool, fraction)
-    sums = on_actor_pool(dataset, Evaluator, dict(root=storage.root, judged=judged, ks=config.ks), config.batch_size,
-                         pool)
+    sums = on_actor_pool(dataset, Evaluator, dict(root=storage.root, judged=judged, ks=config.ks),
+                         config.batch_size, pool)
     names = metric_names(config.ks)
     parts = [t for t in sums.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
     if not parts:
@@ -250,13 +253,15 @@ def evaluate_models(storage: Storage, date: str, judged: list[Judged], config: E
         mine = {(r["scorer"], r["split"]): {k.removesuffix("_sum"): v for k, v in r.items()} for r in totals
                 if r["model"] == j.name}
         first = next(iter(mine.values()))
-        result: dict[str, Any] = {"protocol": PROTOCOL, "ks": config.ks, "catalogue_size": first["catalogue_size_max"],
-                                  "sample": {"max_users": config.max_users, "fraction": fraction,
-                                             "users": int(first["sequences"]), "of": rows}}
+        result: dict[str, Any] = {
+            "protocol": PROTOCOL, "ks": config.ks, "catalogue_size": first["catalogue_size_max"],
+            "sample": {"max_users": config.max_users, "fraction": fraction, "users": int(first["sequences"]),
+                       "of": rows}}
         for split in j.splits:
             model_mean, model_se = summarise(mine["model", split], names)
             pop_mean, pop_se = summarise(mine["popularity", split], names)
-            result[split] = {"model": model_mean, "popularity": pop_mean, "users": int(mine["model", split]["users"]),
+            result[split] = {"model": model_mean, "popularity": pop_mean,
+                             "users": int(mine["model", split]["users"]),
                              "stderr": {"model": model_se, "popularity": pop_se}}
         out[j.name] = result
     log.info("evaluated %s on %d of %d users in %.1f s", ", ".join(j.name for j in judged),

@@ -2,8 +2,9 @@
 
 The candidate is always saved under ``models/<version>/``; it becomes the live model only when its
 validation NDCG@10 on tonight's data is not worse than the promoted model's (measured on the same
-data, same protocol) by more than ``eval.promote_tolerance``. Otherwise tonight is scored with the
-promoted model and the report says why.
+users, same protocol, in one pass of the evaluation actor pool over a hash sample of
+``eval.max_users`` users, with standard errors) by more than ``eval.promote_tolerance``.
+Otherwise tonight is scored with the promoted model and the report says why.
 """
 
 from __future__ import annotations
@@ -42,18 +43,26 @@ class NightlyResult:
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
+def val_ndcg(metrics: dict[str, Any] | None, who: str = "model") -> tuple[float | None, float | None]:
+    """Validation NDCG@10 and its standard error, or (None, None) without metrics."""
+    if metrics is None:
+        return None, None
+    return metrics["val"][who]["ndcg@10"], metrics["val"].get("stderr", {}).get(who, {}).get("ndcg@10")
+
+
 def promotion_decision(candidate: Candidate, tolerance: float) -> tuple[bool, str]:
     """Whether the candidate becomes the live model, and the sentence the report gives for it."""
-    candidate_ndcg = candidate.metrics["val"]["model"]["ndcg@10"]
-    live_ndcg = candidate.live_metrics["val"]["model"]["ndcg@10"] if candidate.live_metrics else None
+    candidate_ndcg, candidate_se = val_ndcg(candidate.metrics)
+    live_ndcg, live_se = val_ndcg(candidate.live_metrics)
     promoted = not_worse(candidate_ndcg, live_ndcg, tolerance)
+    ours = f"{candidate_ndcg:.4f} ± {candidate_se:.4f}"
     if live_ndcg is None:
-        return promoted, f"promoted: first model (val NDCG@10 {candidate_ndcg:.4f})"
+        return promoted, f"promoted: first model (val NDCG@10 {ours})"
+    theirs = f"{live_ndcg:.4f} ± {live_se:.4f}"
     if promoted:
-        return promoted, (f"promoted: val NDCG@10 {candidate_ndcg:.4f} vs live {live_ndcg:.4f} "
-                          f"(tolerance {tolerance})")
-    return promoted, (f"kept {candidate.live_version}: candidate val NDCG@10 {candidate_ndcg:.4f} is worse "
-                      f"than live {live_ndcg:.4f} by more than the tolerance {tolerance}")
+        return promoted, f"promoted: val NDCG@10 {ours} vs live {theirs} (tolerance {tolerance})"
+    return promoted, (f"kept {candidate.live_version}: candidate val NDCG@10 {ours} is worse than live "
+                      f"{theirs} by more than the tolerance {tolerance}")
 
 
 def suggest_settings(config: Config, sequences, explicit: set[str]) -> tuple[Config, dict[str, Any]]:
@@ -103,6 +112,8 @@ def run_nightly(storage: Storage, date: str, config: Config,
         "val_ndcg@10": {"candidate": candidate_ndcg,
                         "live": live_metrics["val"]["model"]["ndcg@10"] if live_metrics else None,
                         "popularity": candidate.metrics["val"]["popularity"]["ndcg@10"]},
+        "val_ndcg@10_stderr": {"candidate": val_ndcg(candidate.metrics)[1], "live": val_ndcg(live_metrics)[1],
+                               "popularity": val_ndcg(candidate.metrics, "popularity")[1]},
         "candidate_metrics": candidate.metrics, "live_metrics": live_metrics,
         "recommendations": asdict(scored), "config": config.to_dict(), "suggested_settings": suggestions,
     }

@@ -102,7 +102,8 @@ class Recommender:
     """Ray Data actor: one model per actor, ``__call__`` maps a batch of sequences to top-k."""
 
     def __init__(self, root: str, version: str, k: int, never_recommend: np.ndarray | None,
-                 generated_at: dt.datetime, torch_threads: int = 1, item_chunk: int = 16384, device: str = "cpu"):
+                 generated_at: dt.datetime, torch_threads: int = 1, item_chunk: int = 16384,
+                 device: str = "cpu"):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.ranker = RankingModel(Storage(root), version, never_recommend, device)
@@ -133,8 +134,9 @@ class Recommender:
         scores, indices = ranked.scores, ranked.indices
         if not bool(has_history.all()):
             cold = ~has_history
-            fallback = rank_unseen(torch.ones(int(cold.sum()), 1, device=self.device), ranker.popularity[:, None],
-                                   seen[cold], self.k, excluded=ranker.never_recommend)
+            ones = torch.ones(int(cold.sum()), 1, device=self.device)
+            fallback = rank_unseen(ones, ranker.popularity[:, None], seen[cold], self.k,
+                                   excluded=ranker.never_recommend)
             scores, indices = scores.clone(), indices.clone()
             scores[cold], indices[cold] = fallback.scores.to(scores.dtype), fallback.indices
         items, item_scores = self._finish(scores, indices)
@@ -210,9 +212,9 @@ def on_actor_pool(dataset, actor: type, kwargs: dict, batch_size: int, config: S
              "object store': harmless here (ray issue 53727)", actor.__name__, config.num_actors)
     kwargs = {**kwargs, "torch_threads": config.torch_threads, "item_chunk": config.item_chunk,
               "device": "cuda" if config.gpus_per_actor > 0 else "cpu"}
+    pool = ray.data.ActorPoolStrategy(size=config.num_actors)
     mapped = dataset.map_batches(actor, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="pyarrow",
-                                 compute=ray.data.ActorPoolStrategy(size=config.num_actors),
-                                 num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor or None)
+                                 compute=pool, num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor or None)
     if config.object_store_gib > 0:
         # Backpressure: the reader pauses while this much is queued, so memory stays flat in users.
         mapped.context.execution_options.resource_limits = ExecutionResources.for_limits(

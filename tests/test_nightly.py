@@ -89,14 +89,27 @@ def test_artifact_and_report(night):
         assert storage.exists("reports", f"dt={result.date}", name)
     report = storage.read_json("reports", f"dt={result.date}", "report.json")
     assert set(report["timings_s"]) == {"prepare", "train", "evaluate", "score"}
+    # Evaluated on the actor pool: every user (fewer than eval.max_users), standard errors beside the means.
+    val = report["candidate_metrics"]["val"]
+    assert report["candidate_metrics"]["sample"]["fraction"] == 1.0 and val["users"] > 500
+    assert 0 < val["stderr"]["model"]["ndcg@10"] < 0.05
+    assert report["val_ndcg@10_stderr"]["candidate"] == val["stderr"]["model"]["ndcg@10"]
+    assert "±" in result.decision
 
 
 def test_second_night_warm_starts_and_gates(night, demo_config):
     """The next night extends sequences incrementally, warm-starts, and re-scoring is reproducible."""
     storage, first = night
-    config = dataclasses.replace(demo_config, eval=dataclasses.replace(demo_config.eval, promote_tolerance=1.0))
+    gate = dataclasses.replace(demo_config.eval, promote_tolerance=1.0, max_users=300)
+    config = dataclasses.replace(demo_config, eval=gate)
     second = run_nightly(storage, first.date, config)          # same date again: replaces the partition
     assert second.promoted
+    # The gate judged the candidate and the live model on the same hash sample of about 300 users.
+    report = storage.read_json("reports", f"dt={first.date}", "report.json")
+    sample = report["candidate_metrics"]["sample"]
+    assert report["live_metrics"]["sample"] == sample
+    assert sample["fraction"] < 1 and 200 < sample["users"] < 400
+    assert report["live_metrics"]["val"]["users"] == report["candidate_metrics"]["val"]["users"]
     loaded = artifact.load(storage, second.candidate)
     assert loaded.manifest["parent"] == first.live_model
     table = read_partition(storage, "recommendations", first.date)
