@@ -55,7 +55,8 @@ def evaluation_rows(batch: pa.Table, vocab: Vocabulary, width: int, holdout: int
 
 
 def evaluate_batches(model: SeqRecModel, batches, ks: list[int], device: torch.device,
-                     bf16: bool = False, never_recommend: torch.Tensor | None = None) -> dict[str, float]:
+                     bf16: bool = False, never_recommend: torch.Tensor | None = None,
+                     top_k: list[torch.Tensor] | None = None) -> dict[str, float]:
     """Sums of leave-one-out metrics over batches of {items, event_types, seen} (last column = target).
 
     ``seen`` is the whole history, excluded from the ranking (:func:`evaluation_rows`).
@@ -78,6 +79,8 @@ def evaluate_batches(model: SeqRecModel, batches, ks: list[int], device: torch.d
             queries = queries.float()
             ranked = rank_unseen(queries, table, batch["seen"].to(device), k=max(ks),
                                  excluded=never_recommend, targets=targets)
+            if top_k is not None:                  # the ranked lists, for comparison with scoring
+                top_k.append(ranked.indices.cpu())
             for key, value in ranking_metrics(ranked.target_rank, ks).items():
                 totals[key] = totals.get(key, 0.0) + value
             totals["users"] += len(targets)

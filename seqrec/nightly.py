@@ -1,10 +1,13 @@
-"""The nightly job: prepare -> train -> evaluate -> promote -> score -> publish -> report.
+"""The nightly job: prepare -> train -> evaluate -> score -> publish -> promote -> report.
 
 The candidate is always saved under ``models/<version>/``; it becomes the live model only when its
 validation NDCG@10 on tonight's data is not worse than the promoted model's (measured on the same
 users, same protocol, in one pass of the evaluation actor pool over a hash sample of
 ``eval.max_users`` users, with standard errors) by more than ``eval.promote_tolerance``.
 Otherwise tonight is scored with the promoted model and the report says why.
+Promotion is the night's last step, after the table is published: a night that fails before then
+leaves the live model, ``PROMOTED.json`` and every published table as they were, and its report
+says which stage failed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ from seqrec.score import ScoreReport, score
 from seqrec.storage import Storage
 
 log = logging.getLogger("seqrec.nightly")
+
+
+class NightFailed(RuntimeError):
+    """A stage of the night failed after training; nothing the night would change was changed."""
 
 
 @dataclass
@@ -97,13 +104,7 @@ def run_nightly(storage: Storage, date: str, config: Config,
     log.info("%s\n%s", summary_table(candidate.metrics, "val"), summary_table(candidate.metrics, "test"))
     log.info(decision)
     candidate_ndcg = candidate.metrics["val"]["model"]["ndcg@10"]
-    if promoted:
-        artifacts.promote(storage, candidate.version, decision, {"val_ndcg@10": candidate_ndcg})
     live = candidate.version if promoted else candidate.live_version
-
-    with timed(timings, "score"):
-        scored = score(storage, date, live, config.score)
-
     live_metrics = candidate.live_metrics
     report = {
         "date": date, "started_at": started_at.isoformat(), "candidate": candidate.version,
@@ -114,9 +115,24 @@ def run_nightly(storage: Storage, date: str, config: Config,
                         "popularity": candidate.metrics["val"]["popularity"]["ndcg@10"]},
         "val_ndcg@10_stderr": {"candidate": val_ndcg(candidate.metrics)[1], "live": val_ndcg(live_metrics)[1],
                                "popularity": val_ndcg(candidate.metrics, "popularity")[1]},
-        "candidate_metrics": candidate.metrics, "live_metrics": live_metrics,
-        "recommendations": asdict(scored), "config": config.to_dict(), "suggested_settings": suggestions,
+        "candidate_metrics": candidate.metrics, "live_metrics": live_metrics, "config": config.to_dict(),
+        "suggested_settings": suggestions,
     }
+    try:
+        with timed(timings, "score"):
+            scored = score(storage, date, live, config.score)
+    except Exception as exc:
+        failure = f"score failed: {type(exc).__name__}: {exc}"
+        report.update(status="failed", failed_stage="score", error=failure, promoted=False,
+                      live_model=candidate.live_version,
+                      decision=f"not promoted ({failure})" if promoted else decision)
+        write_report(storage, report, candidate.result.history)
+        raise NightFailed(f"night {date}: {failure}; nothing was published or promoted, the live model stays "
+                          f"{candidate.live_version or '(none)'}") from exc
+    if promoted:                     # last: only a published night changes the live model
+        artifacts.promote(storage, candidate.version, decision, {"val_ndcg@10": candidate_ndcg})
+
+    report.update(status="ok", recommendations=asdict(scored))
     location = write_report(storage, report, candidate.result.history)
     return NightlyResult(date=date, candidate=candidate.version, live_model=live, promoted=promoted,
                          decision=decision, prepare=prepared, metrics=candidate.metrics,

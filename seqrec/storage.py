@@ -13,6 +13,7 @@ S3 endpoint and credentials come from the standard AWS chain (``AWS_ACCESS_KEY_I
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ import pyarrow.parquet as pq
 from seqrec.errors import ConfigError
 
 T = TypeVar("T")
+
+log = logging.getLogger("seqrec.storage")
 
 # Rows per Parquet row group. A reader decodes a whole row group at once (however small the batches
 # it asks for), so this bounds what scoring's streaming reader holds: 64k sequences of 50 items are
@@ -47,6 +50,9 @@ def retry(fn: Callable[[], T], *, attempts: int = 5, first_delay_s: float = 0.5,
         except _TRANSIENT as exc:
             if attempt == attempts:
                 raise OSError(f"storage operation {what!r} failed after {attempts} attempts: {exc}") from exc
+            # One line per retry: a store that keeps failing shows in the log before the error does.
+            log.warning("storage operation %r failed (attempt %d of %d), retrying in %.1f s: %s", what, attempt,
+                        attempts, delay, exc)
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")

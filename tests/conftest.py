@@ -63,13 +63,21 @@ def ray_local(s3_server):
     """A local Ray whose workers carry the S3 test server's client settings.
 
     Workers are separate processes: a per-test monkeypatch of the driver's environment does not
-    reach them, so the session's S3 settings travel in the runtime environment instead.
+    reach them. They inherit the environment Ray's processes start with, as on a cluster whose nodes
+    have credentials in their environment or instance role, so the S3 settings are in the
+    environment while Ray starts and are removed from this process again at once. They never go
+    into the runtime environment, which Ray records and shows (job info, logs, dashboard).
     """
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {**s3_server.env(), "HF_HUB_OFFLINE": "1"}})
+    with pytest.MonkeyPatch.context() as env:
+        for key in _AWS_ENV_TO_CLEAR:
+            env.delenv(key, raising=False)
+        for key, value in s3_server.env().items():
+            env.setenv(key, value)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     from ray import data as ray_data
     ray_data.DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -28,6 +28,7 @@ class TrainingState:
     best_epoch: int
     history: list[dict[str, Any]] = field(default_factory=list)   # one metrics dict per epoch
     done: bool = False               # the run stopped after this epoch
+    restores: list[int] = field(default_factory=list)   # the epoch each restored attempt resumed at
 
 
 @dataclass

@@ -29,7 +29,7 @@ from seqrec.training.checkpoints import load_checkpoint
 from seqrec.training.cold_items import PLACEMENT_USERS, place_untrained_items, without_id_rows
 from seqrec.training.datasets import EncodeSplit, item_counts, make_datasets
 from seqrec.training.loop import SELECTION_METRIC, WorkerInputs, train_loop_per_worker
-from seqrec.training.warm_start import build_vocabulary, initial_model
+from seqrec.training.warm_start import build_vocabulary, initial_model, same_architecture
 
 log = logging.getLogger("seqrec.training")
 
@@ -43,6 +43,8 @@ class TrainResult:
     best_val: dict[str, float] = field(default_factory=dict)
     run_name: str = ""
     wall_s: float = 0.0
+    parent: str | None = None          # the version training really started from; None: from scratch
+    restores: list[int] = field(default_factory=list)   # the epoch each restored attempt resumed at
 
 
 def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, train_config: TrainConfig,
@@ -63,6 +65,7 @@ def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, t
     vocab.counts = item_counts(sequences, vocab)
     text_features = text_features_fn(vocab) if text_features_fn else None
     model = initial_model(vocab, model_config, parent, text_features)
+    warm_from = parent.version if parent is not None and same_architecture(parent.model, model) else None
     datasets = make_datasets(sequences, vocab, model_config.max_len, train_config.num_workers,
                              windows=train_config.windows == "all")
     train_rows = datasets["train"].count()
@@ -84,7 +87,8 @@ def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, t
     log.info("training done: best epoch %d, %s %.4f, %.1f s", state.best_epoch, SELECTION_METRIC,
              best_val.get(SELECTION_METRIC, float("nan")), time.perf_counter() - started)
     return TrainResult(model=model, vocab=vocab, history=state.history, best_epoch=state.best_epoch,
-                       best_val=best_val, run_name=run_name, wall_s=time.perf_counter() - started)
+                       best_val=best_val, run_name=run_name, wall_s=time.perf_counter() - started,
+                       parent=warm_from, restores=state.restores)
 
 
 def _fit(storage: Storage, runs_dir: str, run_name: str, train_config: TrainConfig, inputs: WorkerInputs,

@@ -224,6 +224,8 @@ def train_loop_per_worker(inputs: WorkerInputs) -> None:
     restored, best_weights = _restore(model, optimizer, rank)
     state = restored or TrainingState(epoch=-1, best=-1.0, best_epoch=-1)
     start_epoch = state.epoch + 1
+    if restored:
+        state.restores.append(start_epoch)           # each restore is one recorded failure of the run
 
     per_worker_batch = max(1, train_config.batch_size // world)
     steps_per_epoch = -(-inputs.train_rows // (per_worker_batch * world))

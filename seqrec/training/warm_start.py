@@ -47,7 +47,7 @@ def initial_model(vocab: Vocabulary, model_config: ModelConfig, parent: Artifact
             with torch.no_grad():
                 model.item_embedding.weight[:-1][torch.from_numpy(never_trained(vocab.counts))] = 0.0
         return model
-    if not _same_architecture(parent.model, model):
+    if not same_architecture(parent.model, model):
         log.warning("promoted model %s has another architecture; training from scratch", parent.version)
         return model
     _copy_parent_weights(parent, model, new_items_from_text=text_features is not None)
@@ -56,7 +56,7 @@ def initial_model(vocab: Vocabulary, model_config: ModelConfig, parent: Artifact
     return model
 
 
-def _same_architecture(parent: SeqRecModel, model: SeqRecModel) -> bool:
+def same_architecture(parent: SeqRecModel, model: SeqRecModel) -> bool:
     """Every tensor but the vocabulary-sized ones has the same shape, and inputs mean the same."""
     old, new = parent.state_dict(), model.state_dict()
     same_shapes = all(old[k].shape == new[k].shape for k in new if k in old and "item_embedding" not in k
