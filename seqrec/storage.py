@@ -51,8 +51,8 @@ def retry(fn: Callable[[], T], *, attempts: int = 5, first_delay_s: float = 0.5,
             if attempt == attempts:
                 raise OSError(f"storage operation {what!r} failed after {attempts} attempts: {exc}") from exc
             # One line per retry: a store that keeps failing shows in the log before the error does.
-            log.warning("storage operation %r failed (attempt %d of %d), retrying in %.1f s: %s", what, attempt,
-                        attempts, delay, exc)
+            log.warning("storage operation %r failed (attempt %d of %d), retrying in %.1f s: %s",
+                        what, attempt, attempts, delay, exc)
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
