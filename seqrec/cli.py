@@ -5,7 +5,8 @@ Each command parses its arguments, builds the typed config (defaults <- ``--conf
 
 Exit status: 0 done; 1 ``seqrec show`` found nothing published for the date; 2 a mistake the user
 can fix (a bad argument or config, missing data or model), printed as one line
-``seqrec: error: ...`` (``-v`` adds the traceback). Any other exception is a bug and shows its
+``seqrec: error: ...`` (``-v`` adds the traceback); 75 another run holds the night's lease (one line
+naming it: try again once that run is done). Any other exception is a bug and shows its
 traceback.
 """
 
@@ -31,7 +32,8 @@ DEFAULT_ROOT = "seqrec-data"
 EPILOG = """\
 storage root: a local directory (default ./seqrec-data) or s3://bucket/prefix on any S3-compatible
 store; the endpoint comes from AWS_ENDPOINT_URL and credentials from the standard AWS chain.
-Layout below the root: events/ items/ sequences/ quarantine/ models/ runs/ recommendations/ reports/.
+Layout below the root: events/ items/ sequences/ quarantine/ models/ runs/ recommendations/ (a Delta
+table) leases/ reports/.
 """
 
 
@@ -44,7 +46,7 @@ def _common(parser: argparse.ArgumentParser, date: bool = True) -> None:
     if date:
         parser.add_argument("--date", default=None,
                             help="the night, YYYY-MM-DD (default: $SEQREC_DATE, else yesterday, UTC)")
-    parser.add_argument("--config", default=None, help="YAML file with any of the sections prepare/model/train/eval/score")
+    parser.add_argument("--config", default=None, help="YAML file with any of the sections prepare/model/train/eval/score/publish")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config field, e.g. --set train.epochs=5 (repeatable)")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else local)")
@@ -107,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="print rows of a published recommendation table (exit 1 if none)")
     _common(p)
     p.add_argument("--rows", type=int, default=10)
+    p.add_argument("--as-of", default=None, metavar="VERSION|TIMESTAMP",
+                   help="read an earlier snapshot: a table version or an ISO time such as 2024-01-08T03:00:00Z")
+    p.add_argument("--history", action="store_true", help="also list the date's commits (snapshots)")
+
+    p = sub.add_parser("rollback", help="restore the rows a date had before its latest commit (a new commit)")
+    _common(p)
     return parser
 
 
@@ -172,18 +180,24 @@ def _model_version(storage: Storage, requested: str | None) -> str:
     return version
 
 
-def show(storage: Storage, date: str, rows: int, explain: bool = True) -> bool:
-    """Print the night's rows and, with ``explain``, item titles (when the catalogue has them) and
-    the gate's decision; False when nothing is published for ``date``."""
+def show(storage: Storage, date: str, rows: int, explain: bool = True, as_of: str | None = None,
+         with_history: bool = False) -> bool:
+    """Print the night's rows (at snapshot ``as_of``, the latest by default) and, with ``explain``,
+    item titles (when the catalogue has them) and the gate's decision; with ``with_history`` the
+    date's commits first. False when nothing is published for ``date``."""
     from seqrec.explain import format_rows, night_decision
-    from seqrec.publish import read_partition
+    from seqrec.publish import history, read_recommendations
 
-    table = read_partition(storage, "recommendations", date)
+    table = read_recommendations(storage, date, as_of)
+    if with_history:
+        for c in history(storage, date):
+            print(f"  version {c['version']}: {c.get('operation')} at {c.get('committed_at')}, "
+                  f"{c.get('rows')} rows, model {c.get('model_version')}")
+    where = storage.uri("recommendations") + (f" as of {as_of}" if as_of else "")
     if table is None:
-        print(f"seqrec show: no published recommendations for {date} under {storage.uri('recommendations')}",
-              file=sys.stderr)
+        print(f"seqrec show: no published recommendations for {date} in {where}", file=sys.stderr)
         return False
-    print(f"recommendations for {date}: {table.num_rows} users at {storage.uri('recommendations', f'dt={date}')}")
+    print(f"recommendations for {date}: {table.num_rows} users in {where}")
     decision = night_decision(storage, date) if explain else None
     if decision:
         print(decision)
@@ -201,8 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     from seqrec.runtime import setup_logging
 
     setup_logging(args.verbose)
+    from seqrec.lease import LeaseHeld, LeaseLost
+
     try:
         return run(args)
+    except (LeaseHeld, LeaseLost) as exc:   # another run has the night: one line, no traceback
+        print(f"seqrec: error: {_one_line(exc)}", file=sys.stderr)
+        return 75                            # EX_TEMPFAIL: try again once the other run is done
     except UserError as exc:
         if args.verbose:
             traceback.print_exc()
@@ -233,9 +252,18 @@ def run(args) -> int:
         print(json.dumps(report.__dict__, default=str, indent=2))
         return 0
     if args.command == "show":
-        return 0 if show(storage, date, args.rows) else 1
+        return 0 if show(storage, date, args.rows, as_of=args.as_of, with_history=args.history) else 1
 
     config = _config(args)
+    if args.command == "rollback":
+        from seqrec.lease import hold_night
+        from seqrec.publish import rollback
+
+        with hold_night(storage, date, config.publish.lease_ttl_s):
+            snapshot = rollback(storage, date, config.publish)
+        print(f"rolled {date} back to the rows of version {snapshot.metadata['restored_version']}: "
+              f"{snapshot.rows} rows, now version {snapshot.version}")
+        return 0
     if args.command == "prepare":
         from seqrec.prepare import prepare
         from seqrec.runtime import init_ray
@@ -306,7 +334,7 @@ def run(args) -> int:
     if args.command == "score":
         from seqrec.score import score
 
-        report = score(storage, date, version, config.score)
+        report = score(storage, date, version, config.score, config.publish)
         print(json.dumps(report.__dict__, indent=2))
         return 0
     raise AssertionError(args.command)

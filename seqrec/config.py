@@ -122,12 +122,22 @@ class ScoreConfig:
 
 
 @dataclass
+class PublishConfig:
+    # delta: a Delta Lake table, one atomic commit per night, history for --as-of and rollback.
+    # parquet: plain Hive-style Parquet + _SUCCESS, for readers without Delta (not atomic for them).
+    format: Literal["delta", "parquet"] = "delta"
+    lease_ttl_s: float = 600.0             # a night's lease not renewed for this long is taken over
+    history_days: float = 30.0             # snapshots older than this may be vacuumed (no --as-of, rollback)
+
+
+@dataclass
 class Config:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,6 +23,7 @@ from seqrec.candidate import Candidate, train_candidate
 from seqrec.config import Config, apply_overrides, suggested
 from seqrec.data import SEQUENCE_COLUMNS, data_shape
 from seqrec.evaluate import not_worse, summary_table
+from seqrec.lease import hold_night
 from seqrec.prepare import PrepareReport, prepare, read_sequences
 from seqrec.report import write_report
 from seqrec.runtime import timed
@@ -88,8 +89,14 @@ def suggest_settings(config: Config, sequences, explicit: set[str]) -> tuple[Con
 
 def run_nightly(storage: Storage, date: str, config: Config,
                 explicit: set[str] | None = None) -> NightlyResult:
-    """The night for ``date``. With ``explicit`` (the fields the user set), the fields outside it take
-    the settings suggested by the data's shape; None keeps ``config`` as given."""
+    """The night for ``date``, under its lease: a second run of the same date stops before writing
+    anything. With ``explicit`` (the fields the user set), the fields outside it take the settings
+    suggested by the data's shape; None keeps ``config`` as given."""
+    with hold_night(storage, date, config.publish.lease_ttl_s):
+        return _run_night(storage, date, config, explicit)
+
+
+def _run_night(storage: Storage, date: str, config: Config, explicit: set[str] | None) -> NightlyResult:
     timings: dict[str, float] = {}
     started_at = dt.datetime.now(dt.timezone.utc)
     with timed(timings, "prepare"):
@@ -120,7 +127,7 @@ def run_nightly(storage: Storage, date: str, config: Config,
     }
     try:
         with timed(timings, "score"):
-            scored = score(storage, date, live, config.score)
+            scored = score(storage, date, live, config.score, config.publish)
     except Exception as exc:
         failure = f"score failed: {type(exc).__name__}: {exc}"
         report.update(status="failed", failed_stage="score", error=failure, promoted=False,

@@ -3,8 +3,9 @@
 ``read_parquet`` streams the night's sequences (only the columns scoring needs) -> ``map_batches``
 with :class:`Recommender` on an actor pool (the model and the item table are loaded once per actor
 from the artifact alone) -> :func:`seqrec.ranking.rank_unseen`, the same masking + top-k function
-evaluation uses -> ``write_parquet`` into the partition, then ``_SUCCESS`` last (see
-:mod:`seqrec.publish`). Users with no known item get the popularity ranking, marked
+evaluation uses -> ``write_parquet`` of the night's files, which the driver then commits to the
+recommendation table in one transaction (see :mod:`seqrec.publish`), all under the night's lease
+(:mod:`seqrec.lease`). Users with no known item get the popularity ranking, marked
 ``source = "popularity"``.
 """
 
@@ -15,6 +16,7 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +27,11 @@ import torch
 
 from seqrec import artifact as artifacts
 from seqrec.catalogue import read_catalogue
-from seqrec.config import ScoreConfig
+from seqrec.config import PublishConfig, ScoreConfig
 from seqrec.data import SEQUENCE_COLUMNS, Vocabulary, encode, longest, sampled
 from seqrec.errors import NotFoundError
-from seqrec.publish import publish_partition
+from seqrec.lease import hold_night
+from seqrec.publish import publish_recommendations
 from seqrec.ranking import rank_unseen
 from seqrec.model import query_inputs
 from seqrec.storage import Storage, read_parquet_batches
@@ -156,6 +159,8 @@ class ScoreReport:
     rows: int
     wall_s: float
     location: str
+    snapshot: int | None = None            # the table version this night's commit made (Delta)
+    commit_s: float = 0.0
 
 
 def sequence_files(storage: Storage, date: str) -> list[str]:
@@ -222,8 +227,26 @@ def on_actor_pool(dataset, actor: type, kwargs: dict, batch_size: int, config: S
     return mapped
 
 
-def score(storage: Storage, date: str, version: str, config: ScoreConfig) -> ScoreReport:
-    """Score all users of ``sequences/dt=date`` with model ``version``; publish atomically."""
+def _input_snapshot(storage: Storage, date: str) -> dict[str, Any] | None:
+    """What identifies the night's input: the sequences' ``_SUCCESS`` (when prepare wrote it) and counts."""
+    if not storage.exists("sequences", f"dt={date}", "_SUCCESS"):
+        return None
+    manifest = storage.read_json("sequences", f"dt={date}", "_SUCCESS")
+    written = storage.filesystem.get_file_info(storage.path("sequences", f"dt={date}", "_SUCCESS")).mtime
+    return {"location": storage.uri("sequences", f"dt={date}"), "written_at": written.isoformat() if written else None,
+            **{k: manifest[k] for k in ("users", "rows_kept", "mode") if k in manifest}}
+
+
+def score(storage: Storage, date: str, version: str, config: ScoreConfig,
+          publish: PublishConfig | None = None) -> ScoreReport:
+    """Score all users of ``sequences/dt=date`` with model ``version``; publish atomically, holding
+    the night's lease from before anything is written until the commit."""
+    publish = publish or PublishConfig()
+    with hold_night(storage, date, publish.lease_ttl_s):
+        return _score(storage, date, version, config, publish)
+
+
+def _score(storage: Storage, date: str, version: str, config: ScoreConfig, publish: PublishConfig) -> ScoreReport:
     started_at = dt.datetime.now(dt.timezone.utc)
     started = time.perf_counter()
     files = sequence_files(storage, date)
@@ -242,11 +265,12 @@ def score(storage: Storage, date: str, version: str, config: ScoreConfig) -> Sco
         # Files of ~rows_per_file users: one per output block would be ~1000 small files per million.
         recommendations.write_parquet(directory, filesystem=storage.filesystem, min_rows_per_file=config.rows_per_file)
 
-    manifest = publish_partition(storage, "recommendations", date, write, {
+    snapshot = publish_recommendations(storage, date, write, {
         "model_version": version, "input": storage.uri("sequences", f"dt={date}"),
-        "started_at": started_at.isoformat(), "k": config.k,
-    })
-    report = ScoreReport(date=date, model_version=version, rows=manifest["rows"], wall_s=time.perf_counter() - started,
-                         location=storage.uri("recommendations", f"dt={date}"))
+        "input_snapshot": _input_snapshot(storage, date), "started_at": started_at.isoformat(), "k": config.k,
+    }, publish)
+    report = ScoreReport(date=date, model_version=version, rows=snapshot.rows, wall_s=time.perf_counter() - started,
+                         location=storage.uri("recommendations", f"dt={date}"), snapshot=snapshot.version,
+                         commit_s=round(snapshot.commit_s, 3))
     log.info("scored %d users with %s in %.1f s -> %s", report.rows, version, report.wall_s, report.location)
     return report

@@ -14,7 +14,7 @@ import torch
 from seqrec import artifact
 from seqrec.config import load_config
 from seqrec.prepare import prepare, read_sequences
-from seqrec.publish import read_partition
+from seqrec.publish import read_recommendations
 from seqrec.score import Recommender, score, unavailable_items
 from seqrec.storage import Storage
 from seqrec.synthetic import SyntheticSpec, write_synthetic
@@ -46,10 +46,10 @@ def test_gpu_training_and_bf16_scoring_agree_with_cpu(ray_local, tmp_path):
     artifact.save(storage, artifact.Artifact(version=version, model=result.model, vocab=result.vocab))
 
     cpu = score(storage, SPEC.end_date, version, config.score)
-    cpu_table = read_partition(storage, "recommendations", SPEC.end_date)
+    cpu_table = read_recommendations(storage, SPEC.end_date)
     gpu_config = dataclasses.replace(config.score, gpus_per_actor=1.0)
     gpu = score(storage, SPEC.end_date, version, gpu_config)
-    gpu_table = read_partition(storage, "recommendations", SPEC.end_date)
+    gpu_table = read_recommendations(storage, SPEC.end_date)
     assert cpu.rows == gpu.rows == sequences.num_rows
     cpu_items = dict(zip(cpu_table["user_id"].to_pylist(), cpu_table["items"].to_pylist()))
     overlap = [len(set(items) & set(cpu_items[user])) / len(items)

@@ -20,7 +20,7 @@ import torch
 from seqrec import artifact
 from seqrec.nightly import NightFailed, run_nightly
 from seqrec.prepare import read_sequences
-from seqrec.publish import SUCCESS, read_partition
+from seqrec.publish import history, open_table, read_recommendations
 from seqrec.storage import Storage
 from seqrec.synthetic import SyntheticSpec, write_synthetic
 
@@ -87,7 +87,7 @@ def test_two_workers_stay_in_sync(night):
 
 def test_one_row_per_user_k_items_none_seen(night, demo_config):
     storage, result = night
-    table = read_partition(storage, "recommendations", result.date)
+    table = read_recommendations(storage, result.date)
     sequences = read_sequences(storage, result.date)
     assert table.num_rows == sequences.num_rows
     assert len(pc.unique(table["user_id"])) == table.num_rows
@@ -101,16 +101,19 @@ def test_one_row_per_user_k_items_none_seen(night, demo_config):
     assert table.schema.field("scores").type.value_type == "float"
 
 
-def test_success_written_last_with_manifest(night):
+def test_night_is_one_commit_after_its_files_with_manifest(night):
     storage, result = night
-    partition = storage.path("recommendations", f"dt={result.date}")
-    manifest = storage.read_json("recommendations", f"dt={result.date}", SUCCESS)
-    parts = storage.list_files("recommendations", f"dt={result.date}", suffix=".parquet")
-    assert manifest["rows"] == result.recommendations.rows
+    (commit,) = [c for c in history(storage, result.date) if c["version"] == result.recommendations.snapshot]
+    assert commit["rows"] == result.recommendations.rows
+    assert commit["model_version"] == result.live_model and commit["input"].endswith(f"dt={result.date}")
+    assert commit["input_snapshot"]["users"] == result.prepare.users
+    table = open_table(storage, result.recommendations.snapshot)
+    parts = [p for p in table.file_uris() if f"dt={result.date}/" in p]
     assert len(parts) == 1      # 2000 users < score.rows_per_file: one file, not one per block
-    assert sorted(manifest["files"]) == sorted(p.rsplit("/", 1)[1] for p in parts)
-    success_mtime = storage.filesystem.get_file_info(f"{partition}/{SUCCESS}").mtime
-    assert all(storage.filesystem.get_file_info(p).mtime <= success_mtime for p in parts)
+    assert commit["files"] == len(parts)
+    for part in parts:
+        info = storage.filesystem.get_file_info(part.removeprefix("file://"))
+        assert info.mtime.timestamp() * 1000 <= commit["timestamp"] + 1
 
 
 def test_counts_reconcile_and_quarantine_has_reasons(night):
@@ -143,7 +146,7 @@ def test_artifact_and_report(night):
 
 def test_one_row_per_user_never_an_unavailable_item(night):
     storage, result = night
-    table = read_partition(storage, "recommendations", result.date)
+    table = read_recommendations(storage, result.date)
     recommended = set(pc.list_flatten(table["items"]).to_pylist())
     assert recommended and not recommended & set(UNAVAILABLE)
 
@@ -156,7 +159,7 @@ def test_rescoring_with_the_same_model_gives_the_same_rows(night, demo_config):
     tables = []
     for _ in range(2):
         score(storage, result.date, result.live_model, demo_config.score)
-        table = read_partition(storage, "recommendations", result.date)
+        table = read_recommendations(storage, result.date)
         tables.append(table.sort_by("user_id"))
     first, again = tables
     assert first.num_rows == result.recommendations.rows
@@ -204,7 +207,7 @@ def test_second_night_grows_the_vocabulary_and_warm_starts(night, second):
     new_items = set(candidate.vocab.items.to_pylist()[known:])
     assert new_items and min(new_items) > KNOWN_ITEMS
     assert second.prepare.new_users > 0 and second.prepare.new_items > 0
-    table = read_partition(storage, "recommendations", NEXT_DAY)
+    table = read_recommendations(storage, NEXT_DAY)
     assert table.num_rows == second.prepare.users and max(table["user_id"].to_pylist()) > KNOWN_USERS
 
 
@@ -262,7 +265,7 @@ def test_a_better_candidate_is_promoted_at_tolerance_zero(night, second):
     assert second.promoted and second.live_model == second.candidate
     assert artifact.promoted_version(storage) == second.candidate
     assert storage.read_json("models", artifact.PROMOTED)["previous"] == first.live_model
-    table = read_partition(storage, "recommendations", NEXT_DAY)
+    table = read_recommendations(storage, NEXT_DAY)
     assert set(table["model_version"].to_pylist()) == {second.candidate}
 
 
@@ -280,7 +283,7 @@ def test_a_worse_candidate_is_not_promoted_and_the_night_is_scored_with_the_live
     worse = run_nightly(storage, NEXT_DAY, config)
     assert not worse.promoted and worse.live_model == live
     assert storage.read_bytes("models", artifact.PROMOTED) == pointer
-    table = read_partition(storage, "recommendations", NEXT_DAY)
+    table = read_recommendations(storage, NEXT_DAY)
     assert set(table["model_version"].to_pylist()) == {live}
     report = storage.read_json("reports", f"dt={NEXT_DAY}", "report.json")
     assert report["promoted"] is False and report["live_model"] == live
@@ -298,7 +301,7 @@ def test_a_night_whose_scoring_fails_leaves_the_live_model_and_tables_untouched(
     storage, first = night
     live = artifact.promoted_version(storage)
     pointer = storage.read_bytes("models", artifact.PROMOTED)
-    tables = {date: read_partition(storage, "recommendations", date) for date in (first.date, NEXT_DAY)}
+    tables = {date: read_recommendations(storage, date) for date in (first.date, NEXT_DAY)}
 
     def scoring_fails(*args, **kwargs):
         raise RuntimeError("injected: the scoring actors were lost")
@@ -311,7 +314,7 @@ def test_a_night_whose_scoring_fails_leaves_the_live_model_and_tables_untouched(
     assert storage.read_bytes("models", artifact.PROMOTED) == pointer
     assert artifact.promoted_version(storage) == live
     for date, table in tables.items():
-        assert read_partition(storage, "recommendations", date).equals(table)
+        assert read_recommendations(storage, date).equals(table)
     report = storage.read_json("reports", f"dt={NEXT_DAY}", "report.json")
     assert report["status"] == "failed" and report["failed_stage"] == "score"
     assert "injected" in report["error"] and report["promoted"] is False and report["live_model"] == live

@@ -19,7 +19,8 @@ from seqrec import artifact
 from seqrec.config import load_config
 from seqrec.nightly import run_nightly
 from seqrec.prepare import prepare, read_sequences
-from seqrec.publish import SUCCESS, read_partition
+from seqrec.lease import Holder
+from seqrec.publish import history, read_recommendations
 from seqrec.storage import Storage
 from seqrec.synthetic import SyntheticSpec, write_synthetic
 from seqrec.training import train
@@ -31,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _one_row_per_user(storage: Storage, date: str) -> None:
-    table = read_partition(storage, "recommendations", date)
+    table = read_recommendations(storage, date)
     users = read_sequences(storage, date, columns=["user_id"]).num_rows
     assert table is not None and table.num_rows == users
     assert len(pc.unique(table["user_id"])) == users
@@ -172,15 +173,15 @@ def test_no_credential_in_any_log_report_manifest_or_config_of_an_s3_night(s3_ni
 _CRASHING_SCORE = textwrap.dedent("""
     import os, signal, sys
     import seqrec.score as score
-    publish = score.publish_partition
+    publish = score.publish_recommendations
 
-    def write_then_die(storage, table, date, write, manifest):
+    def write_then_die(storage, date, write, metadata, config):
         def write_parts(directory):
             write(directory)
-            os.kill(os.getpid(), signal.SIGKILL)   # the driver dies after the parts, before _SUCCESS
-        return publish(storage, table, date, write_parts, manifest)
+            os.kill(os.getpid(), signal.SIGKILL)   # the driver dies after the data files, before the commit
+        return publish(storage, date, write_parts, metadata, config)
 
-    score.publish_partition = write_then_die
+    score.publish_recommendations = write_then_die
     from seqrec.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
@@ -194,21 +195,71 @@ def trained_night(ray_local, tmp_path_factory, demo_config):
     return storage
 
 
-def test_scoring_driver_killed_mid_write_publishes_nothing(trained_night, ray_local):
-    storage, date = trained_night, SPEC.end_date
+def _score_args(storage: Storage, ray_local, ttl_s: float) -> list[str]:
     address = ray_local.get_runtime_context().gcs_address
-    args = ["score", "--root", storage.root, "--date", date, "--ray-address", address,
-            "--config", "configs/demo.yaml", "--set", "score.batch_size=64"]
+    return ["score", "--root", storage.root, "--date", SPEC.end_date, "--ray-address", address,
+            "--config", "configs/demo.yaml", "--set", "score.batch_size=64", "--set", f"publish.lease_ttl_s={ttl_s}"]
+
+
+def test_scoring_driver_killed_mid_write_keeps_the_previous_night(trained_night, ray_local):
+    from seqrec.testing.readers import duckdb_connection, duckdb_count
+
+    storage, date = trained_night, SPEC.end_date
+    before = read_recommendations(storage, date)
+    files_before = storage.list_files("recommendations", f"dt={date}", suffix=".parquet")
+    args = _score_args(storage, ray_local, ttl_s=4)
     crashed = subprocess.run([sys.executable, "-c", _CRASHING_SCORE, *args], cwd=REPO, capture_output=True,
                              text=True, timeout=300)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
-    assert storage.list_files("recommendations", f"dt={date}", suffix=".parquet"), "parts were written"
-    assert not storage.exists("recommendations", f"dt={date}", SUCCESS)
-    assert read_partition(storage, "recommendations", date) is None
+    files = storage.list_files("recommendations", f"dt={date}", suffix=".parquet")
+    assert len(files) > len(files_before), "the data files were written"
+    assert read_recommendations(storage, date).equals(before)          # readers still see the previous night
+    rows, _ = duckdb_count(duckdb_connection(storage), storage, date)
+    assert rows == before.num_rows
+    shown = subprocess.run([sys.executable, "-m", "seqrec.cli", "show", "--root", storage.root, "--date", date],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert f"recommendations for {date}: {before.num_rows} users" in shown.stdout, shown.stderr[-2000:]
 
+    # The dead run's lease is left behind; the next run takes it over once it has expired.
+    lease = Holder.loads(storage.read_bytes("leases", f"dt={date}.json"))
+    time.sleep(max(0.0, lease.renewed_at + lease.ttl_s + 0.5 - time.time()))
     rerun = subprocess.run([sys.executable, "-m", "seqrec.cli", *args], cwd=REPO, capture_output=True, text=True,
                            timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "took over the lease" in rerun.stderr
+    _one_row_per_user(storage, date)
+    committed = {c["version"] for c in history(storage, date)}
+    left = storage.list_files("recommendations", f"dt={date}", suffix=".parquet")
+    assert len(left) == len(files_before) + 1, "the crashed run's files are cleaned up"
+    assert not storage.exists("leases", f"dt={date}.json"), "the lease is released at the end"
+    assert committed
+
+
+def test_two_concurrent_runs_of_one_night_exactly_one_publishes(trained_night, ray_local):
+    storage, date = trained_night, SPEC.end_date
+    commits_before = len(history(storage, date))
+    args = _score_args(storage, ray_local, ttl_s=60)
+    first = subprocess.Popen([sys.executable, "-m", "seqrec.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not storage.exists("leases", f"dt={date}.json") and time.time() < deadline and first.poll() is None:
+            time.sleep(0.1)
+        started = time.perf_counter()
+        second = subprocess.run([sys.executable, "-m", "seqrec.cli", *args], cwd=REPO, capture_output=True,
+                                text=True, timeout=120)
+        refused_s = time.perf_counter() - started
+        out, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 75, second.stderr[-2000:]
+    message = second.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"seqrec: error: the night {date} is being written by host ")
+    assert f"pid {first.pid} " in message and "since " in message, message
+    print(f"second run refused in {refused_s:.1f} s: {message}")
+    assert len(history(storage, date)) == commits_before + 1
     _one_row_per_user(storage, date)
 
 

@@ -17,7 +17,7 @@ import psutil
 import pyarrow as pa
 import pytest
 
-from seqrec.publish import read_partition
+from seqrec.publish import read_recommendations
 from seqrec.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,8 +101,9 @@ def test_ray_job_submit_publishes_the_night(two_node_cluster):
                   "--set train.epochs=3 --set model.max_len=30 --set prepare.max_len=30 --set train.num_workers=2")
     started = time.perf_counter()
     for _ in range(30):  # the job agent registers a few seconds after `ray start` returns
-        job = subprocess.run([ray, "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
-                              *entrypoint.split()], env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        job = subprocess.run([ray, "job", "submit", f"--address={address}", f"--working-dir={REPO}",
+                              "--submission-id=seqrec-nightly-2024-01-07", "--", *entrypoint.split()],
+                             env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
         if "No available agent" not in job.stderr:
             break
         time.sleep(2)
@@ -110,8 +111,13 @@ def test_ray_job_submit_publishes_the_night(two_node_cluster):
     print(f"ray job submit on a two-node cluster: {wall:.1f} s")
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     assert "succeeded" in job.stdout
-    table = read_partition(Storage(root), "recommendations", "2024-01-07")
+    table = read_recommendations(Storage(root), "2024-01-07")
     assert table is not None and table.num_rows == 2000
+    # The README's schedules submit each night under the id seqrec-nightly-<date>: Ray refuses a second one.
+    again = subprocess.run([ray, "job", "submit", f"--address={address}", f"--working-dir={REPO}",
+                            "--submission-id=seqrec-nightly-2024-01-07", "--no-wait", "--", *entrypoint.split()],
+                           env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert again.returncode != 0 and "already exists" in again.stdout + again.stderr, again.stderr[-2000:]
 
 
 def _submit(address: str, env: dict[str, str], ray: str, entrypoint: str) -> subprocess.CompletedProcess:
