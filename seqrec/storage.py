@@ -232,9 +232,21 @@ def read_parquet_batches(paths: pa.Table, root: str, rows: int, columns: list[st
     which needs pyarrow alone, because a Ray worker imports a task function's module before it
     runs it: defined in ``seqrec.score``, every read worker first imported torch and transformers
     (~3 s of CPU, taken from the scoring actors on a small machine).
+
+    Each row group is read with :func:`retry` (the file reopened on each attempt): training reads
+    its input again every epoch, so a store that restarts meanwhile must not fail the run.
     """
     filesystem = Storage(root).filesystem
     for path in paths["path"].to_pylist():
-        parquet = retry(lambda: pq.ParquetFile(filesystem.open_input_file(path)), what=f"open {path}")
-        for batch in parquet.iter_batches(batch_size=rows, columns=columns):
-            yield pa.Table.from_batches([batch])
+        groups = retry(lambda: pq.ParquetFile(filesystem.open_input_file(path)).num_row_groups,
+                       what=f"open {path}")
+        pending: pa.Table | None = None                   # rows of this file not yet yielded
+        for group in range(groups):
+            table = retry(lambda: pq.ParquetFile(filesystem.open_input_file(path)).read_row_group(
+                group, columns=columns), what=f"read {path} row group {group}")
+            pending = table if pending is None else pa.concat_tables([pending, table])
+            while pending.num_rows >= rows:
+                yield pending.slice(0, rows).combine_chunks()
+                pending = pending.slice(rows)
+        if pending is not None and pending.num_rows:
+            yield pending.combine_chunks()
