@@ -52,8 +52,10 @@ def candidate_artifact(storage: Storage, date: str, config: Config, result: Trai
     """The trained candidate with its metrics and manifest (data snapshot, parent, code, config)."""
     return artifacts.Artifact(
         version=version, model=result.model, vocab=result.vocab,
-        metrics={**metrics, "best_epoch": result.best_epoch, "history": result.history},
-        manifest={"training_data": storage.uri("sequences", f"dt={date}"), "parent": parent,
+        metrics={**metrics, "best_epoch": result.best_epoch, "history": result.history,
+                 "training": result.summary()},
+        manifest={"training_data": storage.uri("sequences", f"dt={date}"), "training_date": date,
+                  "parent": parent,
                   "code_version": artifacts.code_version(),
                   "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
                   "config": config.to_dict(), "train_run": storage.uri("runs", result.run_name)},
@@ -72,7 +74,8 @@ def train_candidate(storage: Storage, date: str, config: Config, sequences: pa.T
     live = artifacts.load(storage, live_version) if live_version and config.train.warm_start else None
     version = artifacts.new_version(date)
     with timed(timings, "train"):
-        result = train(storage, sequences, model_config=config.model, train_config=config.train,
+        # From storage (Ray Data), not from the table evaluation reads: see seqrec.training.datasets.
+        result = train(storage, date, model_config=config.model, train_config=config.train,
                        prepare_config=config.prepare, run_name=f"train-{version}", parent=live,
                        text_features_fn=text_features_for(config, storage), ks=config.eval.ks)
     parent_version = live_version if live is not None else None

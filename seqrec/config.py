@@ -92,6 +92,14 @@ class TrainConfig:
     max_failures: int = 1
     seed: int = 42
     warm_start: bool = True                # fine-tune from the promoted model when there is one
+    # A warm-start night trains on the users with events since the promoted model's training data
+    # ("changed") plus a replay_share of the others, so its cost follows the night's new data;
+    # "all": every user, as a cold night does.
+    warm_start_users: Literal["changed", "all"] = "changed"
+    replay_share: float = 0.1              # warm-start nights: share of users without new events replayed
+    max_steps: int = 0                     # stop after this many optimizer steps (0: no limit)
+    max_minutes: float = 0.0               # stop training after this many minutes (0: no limit)
+    log_every_s: float = 30.0              # rank 0 logs training progress this often
     torch_threads: int = 0                 # 0: leave torch's default
 
 

@@ -122,6 +122,7 @@ def _run_night(storage: Storage, date: str, config: Config, explicit: set[str] |
                         "popularity": candidate.metrics["val"]["popularity"]["ndcg@10"]},
         "val_ndcg@10_stderr": {"candidate": val_ndcg(candidate.metrics)[1], "live": val_ndcg(live_metrics)[1],
                                "popularity": val_ndcg(candidate.metrics, "popularity")[1]},
+        "training": candidate.result.summary(),
         "candidate_metrics": candidate.metrics, "live_metrics": live_metrics, "config": config.to_dict(),
         "suggested_settings": suggestions,
     }

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import time
+from pathlib import Path
+
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from seqrec.artifact import Artifact
-from seqrec.config import ModelConfig
-from seqrec.data import Vocabulary
+from seqrec.config import ModelConfig, PrepareConfig, TrainConfig
+from seqrec.data import SEQUENCE_COLUMNS, Vocabulary, longest
+from seqrec.prepare import prepare, read_sequences
+from seqrec.storage import Storage
+from seqrec.synthetic import SyntheticSpec, write_synthetic
+from seqrec.training import train
+from seqrec.training.datasets import (BlockStats, EncodeSplit, SelectUsers, UserSelection, combine_stats,
+                                      item_counts, make_datasets, read_sequences_dataset, sequence_stats)
 from seqrec.training.loop import lr_factor
-from seqrec.training.warm_start import initial_model
+from seqrec.training.warm_start import build_vocabulary, initial_model
 
 MODEL = ModelConfig(hidden_size=16, num_layers=1, num_heads=1, max_len=8, dropout=0.0)
 
@@ -109,3 +123,128 @@ def test_learning_rate_warms_up_then_decays_to_zero_on_a_cosine():
     assert factors[2] == 1.0 and factors[6] == pytest.approx(0.5) and factors[10:] == [0.0, 0.0]
     assert all(a >= b for a, b in zip(factors[1:], factors[2:]))                      # never rises again
     assert [lr_factor(step, 2, 10, "constant") for step in (0, 5, 50)] == [0.5, 1.0, 1.0]
+
+
+# ============================================================================================
+# Training input straight from storage, warm-start nights, budgets and progress (real Ray)
+# ============================================================================================
+DAYS = SyntheticSpec(num_users=300, num_items=80, mean_events=16, days=2, end_date="2024-03-02", bad_rows=0)
+FIRST_DAY, SECOND_DAY = "2024-03-01", "2024-03-02"
+SMALL = ModelConfig(hidden_size=16, num_layers=1, num_heads=1, max_len=10, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def two_nights(tmp_path_factory):
+    """Sequences of two consecutive nights (the second extends the first) under one root."""
+    storage = Storage(str(tmp_path_factory.mktemp("two-nights")))
+    write_synthetic(storage, DAYS)
+    # As in real logs, only some users are active on a given day: a third of them on the second.
+    for path in storage.list_files("events", f"dt={SECOND_DAY}", suffix=".parquet"):
+        events = pq.read_table(path)
+        pq.write_table(events.filter(pc.equal(pc.bit_wise_and(events["user_id"], 3), 0)), path)
+    prepare_config = PrepareConfig(max_len=30)
+    prepare(storage, FIRST_DAY, prepare_config)
+    prepare(storage, SECOND_DAY, prepare_config)
+    return storage, prepare_config
+
+
+@pytest.mark.parametrize("windows", [True, False])
+def test_vocabulary_counts_and_rows_from_storage_equal_the_in_driver_computation(ray_local, two_nights,
+                                                                                 windows):
+    storage, prepare_config = two_nights
+    table = read_sequences(storage, SECOND_DAY, columns=SEQUENCE_COLUMNS)
+    expected_vocab = build_vocabulary(table, prepare_config, None)
+    expected_counts = item_counts(table, expected_vocab)
+    expected_rows = EncodeSplit(expected_vocab, SMALL.max_len, holdout=2, windows=windows)(table)
+
+    # Small blocks and frequent compaction, so that the combining is exercised.
+    source = read_sequences_dataset(storage, SECOND_DAY, SEQUENCE_COLUMNS, rows_per_block=40)
+    blocks = source.map_batches(BlockStats(SMALL.max_len + 1, windows), batch_format="pyarrow", batch_size=40)
+    stats = combine_stats(blocks, compact_every=2)
+    vocab = build_vocabulary(stats.item_ids, prepare_config, None)
+    assert vocab.items.equals(expected_vocab.items)
+    assert stats.counts_by_index(vocab)[1:].tolist() == expected_counts[1:].tolist()
+    assert (stats.users, stats.longest) == (table.num_rows, longest(table))
+    assert stats.rows == len(expected_rows["items"]) and stats.changed_users == table.num_rows
+
+    datasets = make_datasets(source, vocab, SMALL.max_len, stats.longest, windows=windows)
+    streamed = np.concatenate([b["items"] for b in datasets["train"].iter_batches(batch_format="numpy")])
+    assert sorted(map(tuple, streamed.tolist())) == sorted(map(tuple, expected_rows["items"].tolist()))
+
+
+def _changed_users(storage: Storage) -> set:
+    table = read_sequences(storage, SECOND_DAY, columns=["user_id", "ts"])
+    start = dt.datetime(2024, 3, 2, tzinfo=dt.timezone.utc)
+    return {row["user_id"] for row in table.to_pylist() if row["ts"] and max(row["ts"]) >= start}
+
+
+def test_warm_start_selects_users_with_new_events_plus_a_replay_sample(ray_local, two_nights):
+    storage, _ = two_nights
+    changed = _changed_users(storage)
+    users = read_sequences(storage, SECOND_DAY, columns=["user_id"]).num_rows
+    assert 0 < len(changed) < users
+    source = read_sequences_dataset(storage, SECOND_DAY, [*SEQUENCE_COLUMNS, "ts"])
+    since = dt.datetime(2024, 3, 2, tzinfo=dt.timezone.utc)
+    plain = sequence_stats(source, SMALL.max_len + 1, True, UserSelection(since, 0.0, SECOND_DAY))
+    assert (plain.changed_users, plain.replayed_users, plain.users) == (len(changed), 0, users)
+    replayed = sequence_stats(source, SMALL.max_len + 1, True, UserSelection(since, 0.3, SECOND_DAY))
+    assert replayed.changed_users == len(changed)
+    assert 0.15 * (users - len(changed)) < replayed.replayed_users < 0.45 * (users - len(changed))
+    selected = pa.concat_tables(source.map_batches(SelectUsers(UserSelection(since, 0.0, SECOND_DAY)),
+                                                   batch_format="pyarrow").iter_batches(
+        batch_size=None, batch_format="pyarrow"))
+    assert set(selected["user_id"].to_pylist()) == changed
+
+
+def test_a_warm_start_night_trains_on_changed_users_and_stops_at_the_step_budget(ray_local, two_nights):
+    storage, prepare_config = two_nights
+    first = read_sequences(storage, FIRST_DAY, columns=SEQUENCE_COLUMNS)
+    parent_vocab = build_vocabulary(first, prepare_config, None)
+    parent = Artifact(version="v-first", model=initial_model(parent_vocab, SMALL, None, None),
+                      vocab=parent_vocab, manifest={"training_data": storage.uri("sequences", f"dt={FIRST_DAY}")})
+    train_config = TrainConfig(num_workers=2, cpus_per_worker=0.5, epochs=5, batch_size=32, max_steps=3,
+                               replay_share=0.1, mixed_precision="no", log_every_s=0.0)
+    result = train(storage, SECOND_DAY, model_config=SMALL, train_config=train_config,
+                   prepare_config=prepare_config, run_name=f"warm-{time.time_ns()}", parent=parent)
+    changed = _changed_users(storage)
+    assert result.changed_users == len(changed) and result.replayed_users > 0
+    assert result.users == len(changed) + result.replayed_users
+    assert result.users < read_sequences(storage, SECOND_DAY, columns=["user_id"]).num_rows
+    assert result.selection.startswith("warm start") and result.stop_reason == "max_steps"
+    assert len(result.history) == 1 and "val_ndcg@10" in result.history[0]     # validated when it stopped
+    assert result.vocab.items.to_pylist()[: parent_vocab.num_items] == parent_vocab.items.to_pylist()
+    summary = result.summary()
+    assert summary["rows"] == result.rows > 0 and summary["stop_reason"] == "max_steps"
+
+
+def test_a_cold_night_from_storage_trains_everyone_and_rank_zero_logs_progress(ray_local, two_nights):
+    storage, prepare_config = two_nights
+    train_config = TrainConfig(num_workers=2, cpus_per_worker=0.5, epochs=1, batch_size=32,
+                               mixed_precision="no", log_every_s=0.0)
+    run_name = f"cold-{time.time_ns()}"
+    result = train(storage, SECOND_DAY, model_config=SMALL, train_config=train_config,
+                   prepare_config=prepare_config, run_name=run_name)
+    users = read_sequences(storage, SECOND_DAY, columns=["user_id"]).num_rows
+    assert (result.users, result.replayed_users, result.stop_reason) == (users, 0, "epochs")
+    assert result.selection.startswith("all users")
+
+    # Workers' stderr reaches the driver through Ray's log files (the tests' Ray does not forward it).
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    lines = [line for f in logs.rglob("*") if f.is_file() and f.suffix in (".err", ".out", ".log")
+             for line in f.read_text(errors="replace").splitlines() if "seqrec.training" in line]
+    steps = -(-result.rows // 32)
+    assert any(f"epoch 1/1 step 1/{steps} " in line and "rows/s" in line and "epoch ETA" in line
+               for line in lines), lines[-20:]
+    assert any("epoch 1/1 validated: train loss" in line for line in lines), lines[-20:]
+
+
+def test_progress_line_and_step_budget():
+    from seqrec.training.loop import Budget, progress_line
+
+    line = progress_line(0, 3, 50, 200, 1234.4, 3725)
+    assert line == "epoch 1/3 step 50/200 1,234 rows/s epoch ETA 1:02:05"
+    budget = Budget(TrainConfig(max_steps=3), steps_done=1)
+    assert [budget.spent() for _ in range(2)] == ["", "max_steps"]
+    assert Budget(TrainConfig(), steps_done=0).spent() == ""

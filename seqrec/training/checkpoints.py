@@ -29,6 +29,8 @@ class TrainingState:
     history: list[dict[str, Any]] = field(default_factory=list)   # one metrics dict per epoch
     done: bool = False               # the run stopped after this epoch
     restores: list[int] = field(default_factory=list)   # the epoch each restored attempt resumed at
+    stopped: str = ""                # why: epochs | patience | max_steps | max_minutes
+    steps: int = 0                   # optimizer steps taken so far (the step budget counts them)
 
 
 @dataclass

@@ -1,20 +1,39 @@
-"""Training rows for the workers: sequences -> fixed-width index rows as Ray datasets.
+"""Training rows for the workers: sequences -> fixed-width index rows, streamed by Ray Data.
 
 Leave-one-out: a user's last item is the test target and the second-to-last the validation target;
 training rows hold neither (``holdout=2``), validation rows end on the second-to-last item.
+
+The stage reads ``sequences/dt=D`` from storage with Ray Data (:func:`read_sequences_dataset`). One
+pass of :class:`BlockStats` over the blocks yields, per block, its distinct items with their
+training counts and the numbers of users and rows; the driver adds these up
+(:func:`combine_stats`): catalogue-sized, never user-sized. The encoded rows then stream to the
+workers, re-read each epoch, so neither the driver nor the object store holds all of them.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
 
-from seqrec.data import Vocabulary, encode, longest
+from seqrec.data import Vocabulary, encode, list_parts, longest, window_index
 from seqrec.evaluate import evaluation_rows
+from seqrec.storage import Storage, read_parquet_batches
 
 ENCODE_BATCH_ROWS = 4096
+TRAINING_HOLDOUT = 2          # test and validation targets
+VALIDATION_HOLDOUT = 1
+MIN_TRAINING_LEN = 2          # a row needs an input and a label
+# Ray Data tasks of the input pipeline reserve no CPU: they run beside training workers that hold
+# every CPU of a small node (a task that waits for a free CPU there waits forever), and their
+# vectorised encoding costs little next to a training step.
+INPUT_TASK_CPUS = 0.0
 
 
 class EncodeSplit:
@@ -25,7 +44,8 @@ class EncodeSplit:
     (:func:`seqrec.data.window_index`). Validation rows come from :func:`seqrec.evaluate.evaluation_rows`.
     """
 
-    def __init__(self, vocab: Vocabulary, width: int, holdout: int, min_len: int = 2, windows: bool = False):
+    def __init__(self, vocab: Vocabulary, width: int, holdout: int, min_len: int = MIN_TRAINING_LEN,
+                 windows: bool = False):
         self.vocab, self.width, self.holdout = vocab, width, holdout
         self.min_len, self.windows = min_len, windows
 
@@ -43,22 +63,207 @@ def next_item_pairs(items: torch.Tensor, types: torch.Tensor
     return inputs, input_types, labels
 
 
-def item_counts(sequences: pa.Table, vocab: Vocabulary, holdout: int = 2) -> np.ndarray:
+def item_counts(sequences: pa.Table, vocab: Vocabulary, holdout: int = TRAINING_HOLDOUT) -> np.ndarray:
     """Interactions per vocabulary index in the training part (for popularity and log-q)."""
     enc = encode(sequences.select(["item_ids"]), vocab, width=max(longest(sequences), 1), drop_last=holdout)
     return np.bincount(enc.items.ravel(), minlength=vocab.num_items + 1).astype(np.int64)
 
 
-def make_datasets(sequences: pa.Table, vocab: Vocabulary, max_len: int, num_workers: int,
-                  windows: bool = False) -> dict[str, ray.data.Dataset]:
-    """``{"train": training rows, "val": validation rows}``, each cut into blocks for every worker."""
-    source = ray.data.from_arrow(sequences.select(["item_ids", "event_types"]))
-    blocks = max(num_workers * 2, 2)
-    training_rows = source.map_batches(EncodeSplit(vocab, max_len, holdout=2, windows=windows),
-                                       batch_format="pyarrow", batch_size=ENCODE_BATCH_ROWS)
+def training_row_count(offsets: np.ndarray, row_width: int, windows: bool,
+                       holdout: int = TRAINING_HOLDOUT, min_len: int = MIN_TRAINING_LEN) -> int:
+    """How many rows :class:`EncodeSplit` makes of sequences with these list ``offsets``.
+
+    Every item of tonight's sequences is in tonight's vocabulary, so lengths alone decide.
+    """
+    if windows:
+        _, window_offsets = window_index(offsets, row_width, holdout)
+        return int((np.diff(window_offsets) >= min_len).sum())
+    lengths = np.maximum(np.diff(offsets) - holdout, 0)
+    return int((np.minimum(lengths, row_width) >= min_len).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Which users a night trains on
+# --------------------------------------------------------------------------------------------
+def unit_hash(values: pa.Array | pa.ChunkedArray, salt: str) -> np.ndarray:
+    """A stable pseudo-random number in [0, 1) per value (user id), the same on every machine."""
+    salt_bytes = salt.encode()
+    return np.array([int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8, key=salt_bytes).digest(),
+                                    "little") / 2.0**64 for v in values.to_pylist()], dtype=np.float64)
+
+
+@dataclass
+class UserSelection:
+    """A warm-start night's training users: those with events since the parent's training data, plus
+    a ``replay_share`` of the others (a different sample each night, ``salt``), so that fine-tuning
+    on the news does not forget everyone else."""
+
+    since: dt.datetime                  # events at or after this are new to the parent
+    replay_share: float
+    salt: str
+
+    def masks(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """(changed, replayed) bool per user of ``batch`` (needs ``user_id`` and ``ts``)."""
+        flat_ts, offsets = list_parts(batch["ts"])
+        lengths = np.diff(offsets)
+        newest = np.full(len(lengths), np.iinfo(np.int64).min)
+        has = lengths > 0
+        stamps = pc.cast(flat_ts, pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        stamps = stamps.to_numpy(zero_copy_only=False)
+        newest[has] = stamps[offsets[1:][has] - 1]          # lists are oldest first
+        since_us = int(self.since.timestamp() * 1_000_000)
+        changed = newest >= since_us
+        replayed = ~changed & (unit_hash(batch["user_id"], self.salt) < self.replay_share)
+        return changed, replayed
+
+
+class SelectUsers:
+    """Ray Data batch function: only the selected users' sequences."""
+
+    def __init__(self, selection: UserSelection):
+        self.selection = selection
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        changed, replayed = self.selection.masks(batch)
+        return batch.filter(pa.array(changed | replayed))
+
+
+# --------------------------------------------------------------------------------------------
+# One pass for the vocabulary, the counts and the plan
+# --------------------------------------------------------------------------------------------
+class BlockStats:
+    """Ray Data batch function: one row per block with its distinct items, their interactions in
+    the training part, and the users and training rows it holds (all, and selected)."""
+
+    def __init__(self, row_width: int, windows: bool, selection: UserSelection | None = None):
+        self.row_width, self.windows, self.selection = row_width, windows, selection
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        flat, offsets = list_parts(batch["item_ids"])
+        lengths = np.diff(offsets)
+        position = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
+        in_training = position < np.repeat(lengths - TRAINING_HOLDOUT, lengths)
+        per_item = pa.table({"item_id": flat, "count": pa.array(in_training.astype(np.int64))}) \
+            .group_by("item_id").aggregate([("count", "sum")])
+        if self.selection is not None:
+            changed, replayed = self.selection.masks(batch)
+        else:
+            changed, replayed = np.ones(len(lengths), bool), np.zeros(len(lengths), bool)
+        picked = changed | replayed
+        picked_offsets = np.concatenate([[0], np.cumsum(lengths[picked])]).astype(np.int64)
+        ids = pa.ListArray.from_arrays(pa.array([0, per_item.num_rows], pa.int32()),
+                                       per_item["item_id"].combine_chunks())
+        counts = pa.ListArray.from_arrays(pa.array([0, per_item.num_rows], pa.int32()),
+                                          per_item["count_sum"].combine_chunks().cast(pa.int64()))
+        return pa.table({
+            "item_ids": ids, "counts": counts, "users": [len(lengths)],
+            "longest": [int(lengths.max()) if len(lengths) else 0],
+            "changed_users": [int(changed.sum())], "replayed_users": [int(replayed.sum())],
+            "rows": [training_row_count(picked_offsets, self.row_width, self.windows)],
+        })
+
+
+@dataclass
+class SequenceStats:
+    item_ids: pa.Array                  # every distinct item of the night's sequences
+    counts: np.ndarray                  # their interactions in the training part, aligned
+    users: int                          # users in the sequences
+    longest: int                        # longest history
+    changed_users: int                  # users trained on because of new events (all on a full night)
+    replayed_users: int                 # users trained on as replay (warm-start nights)
+    rows: int                           # training rows of the users trained on
+
+    def counts_by_index(self, vocab: Vocabulary) -> np.ndarray:
+        """(N+1,) interactions per vocabulary index (0 for padding and for items absent tonight)."""
+        counts = np.zeros(vocab.num_items + 1, dtype=np.int64)
+        index = vocab.lookup(self.item_ids)
+        counts[index[index > 0]] = self.counts[index > 0]
+        return counts
+
+
+def combine_stats(blocks: ray.data.Dataset, compact_every: int = 32) -> SequenceStats:
+    """Add up :class:`BlockStats` rows in the driver, compacting items as it goes (catalogue-sized)."""
+    pending: list[pa.Table] = []
+    users = longest_seen = changed = replayed = rows = 0
+
+    def compact(tables: list[pa.Table]) -> pa.Table:
+        merged = pa.concat_tables(tables)
+        return merged.group_by("item_id").aggregate([("count", "sum")]).rename_columns(["item_id", "count"])
+
+    for batch in blocks.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for i in range(batch.num_rows):
+            pending.append(pa.table({"item_id": batch["item_ids"][i].values,
+                                     "count": batch["counts"][i].values}))
+        users += int(pc.sum(batch["users"]).as_py() or 0)
+        longest_seen = max(longest_seen, int(pc.max(batch["longest"]).as_py() or 0))
+        changed += int(pc.sum(batch["changed_users"]).as_py() or 0)
+        replayed += int(pc.sum(batch["replayed_users"]).as_py() or 0)
+        rows += int(pc.sum(batch["rows"]).as_py() or 0)
+        if len(pending) >= compact_every:
+            pending = [compact(pending)]
+    if not pending:
+        raise ValueError("the sequences hold no users")
+    items = compact(pending)
+    return SequenceStats(item_ids=items["item_id"].combine_chunks(),
+                         counts=items["count"].to_numpy().astype(np.int64), users=users, longest=longest_seen,
+                         changed_users=changed, replayed_users=replayed, rows=rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+def read_sequences_dataset(storage: Storage, date: str, columns: list[str],
+                           rows_per_block: int = ENCODE_BATCH_ROWS) -> ray.data.Dataset:
+    """``sequences/dt=date`` as a Ray dataset of ``columns``, read ``rows_per_block`` users at a time
+    (:func:`seqrec.storage.read_parquet_batches`: bounded memory per read task, as scoring reads)."""
+    from seqrec.prepare import InputError
+
+    files = storage.list_files("sequences", f"dt={date}", suffix=".parquet")
+    if not files:
+        raise InputError(f"no sequences for {date} under {storage.uri('sequences')}; "
+                         f"run `seqrec prepare --date {date}`")
+    return ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
+        read_parquet_batches, fn_kwargs=dict(root=storage.root, rows=rows_per_block, columns=columns),
+        batch_size=1, batch_format="pyarrow", num_cpus=INPUT_TASK_CPUS)
+
+
+def table_dataset(sequences: pa.Table, columns: list[str]) -> ray.data.Dataset:
+    """An in-memory table (tests, benchmarks) as the same kind of dataset, in blocks of users."""
+    present = [c for c in columns if c in sequences.column_names]
+    blocks = max(1, -(-sequences.num_rows // ENCODE_BATCH_ROWS))
+    return ray.data.from_arrow([sequences.select(present).slice(i * ENCODE_BATCH_ROWS, ENCODE_BATCH_ROWS)
+                                for i in range(blocks)])
+
+
+def sequence_stats(source: ray.data.Dataset, row_width: int, windows: bool,
+                   selection: UserSelection | None = None) -> SequenceStats:
+    blocks = source.map_batches(BlockStats(row_width, windows, selection), batch_format="pyarrow",
+                                batch_size=ENCODE_BATCH_ROWS, num_cpus=INPUT_TASK_CPUS)
+    return combine_stats(blocks)
+
+
+def make_datasets(source: ray.data.Dataset, vocab: Vocabulary, max_len: int, longest_history: int,
+                  windows: bool = False, selection: UserSelection | None = None
+                  ) -> dict[str, ray.data.Dataset]:
+    """``{"train": training rows, "val": validation rows}`` of the selected users, streamed (lazy)."""
+    if selection is not None:
+        source = source.map_batches(SelectUsers(selection), batch_format="pyarrow",
+                                    batch_size=ENCODE_BATCH_ROWS, num_cpus=INPUT_TASK_CPUS)
+    source = source.select_columns(["item_ids", "event_types"])
+    training_rows = source.map_batches(EncodeSplit(vocab, max_len, holdout=TRAINING_HOLDOUT, windows=windows),
+                                       batch_format="pyarrow", batch_size=ENCODE_BATCH_ROWS,
+                                       num_cpus=INPUT_TASK_CPUS)
     validation_rows = source.map_batches(
-        evaluation_rows, fn_kwargs={"vocab": vocab, "width": max_len, "holdout": 1,
-                                    "seen_width": max(longest(sequences) - 1, 1)},
-        batch_format="pyarrow", batch_size=ENCODE_BATCH_ROWS)
-    return {"train": training_rows.repartition(blocks).materialize(),
-            "val": validation_rows.repartition(blocks).materialize()}
+        evaluation_rows, fn_kwargs={"vocab": vocab, "width": max_len, "holdout": VALIDATION_HOLDOUT,
+                                    "seen_width": max(longest_history - VALIDATION_HOLDOUT, 1)},
+        batch_format="pyarrow", batch_size=ENCODE_BATCH_ROWS, num_cpus=INPUT_TASK_CPUS)
+    return {"train": training_rows, "val": validation_rows}
+
+
+def placement_sample(source: ray.data.Dataset, users: int, size: int, seed: int) -> pa.Table:
+    """At most about ``size`` users' ``item_ids``/``event_types``, sampled at random from ``source``."""
+    sampled = source.select_columns(["item_ids", "event_types"])
+    if users > size:
+        sampled = sampled.random_sample(min(1.0, 1.2 * size / users), seed=seed).limit(size)
+    tables = list(sampled.iter_batches(batch_size=None, batch_format="pyarrow"))
+    return pa.concat_tables(tables) if tables else pa.table({"item_ids": [], "event_types": []})

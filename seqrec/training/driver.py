@@ -8,28 +8,30 @@ and returns the best-on-validation weights of the run's last checkpoint.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import pyarrow as pa
 import ray
 import torch
 
 from seqrec.artifact import Artifact
 from seqrec.config import ModelConfig, PrepareConfig, TrainConfig, check_choices
-from seqrec.data import Vocabulary
+from seqrec.data import SEQUENCE_COLUMNS, Vocabulary
 from seqrec.errors import InputError
 from seqrec.model import SeqRecModel
 from seqrec.storage import Storage
 from seqrec.training.checkpoints import load_checkpoint
 from seqrec.training.cold_items import PLACEMENT_USERS, place_untrained_items, without_id_rows
-from seqrec.training.datasets import EncodeSplit, item_counts, make_datasets
+from seqrec.training.datasets import (EncodeSplit, UserSelection, make_datasets, placement_sample,
+                                     read_sequences_dataset, sequence_stats, table_dataset)
 from seqrec.training.loop import SELECTION_METRIC, WorkerInputs, train_loop_per_worker
-from seqrec.training.warm_start import build_vocabulary, initial_model, same_architecture
+from seqrec.training.warm_start import (build_vocabulary, initial_model, same_architecture,
+                                        training_date)
 
 log = logging.getLogger("seqrec.training")
 
@@ -45,15 +47,31 @@ class TrainResult:
     wall_s: float = 0.0
     parent: str | None = None          # the version training really started from; None: from scratch
     restores: list[int] = field(default_factory=list)   # the epoch each restored attempt resumed at
+    users: int = 0                      # users trained on
+    rows: int = 0                       # their training rows
+    changed_users: int = 0              # of them: with events since the parent's training data (or all)
+    replayed_users: int = 0             # of them: replayed (warm-start nights)
+    selection: str = ""                 # which users were trained on, and why
+    stop_reason: str = ""               # epochs | patience | max_steps | max_minutes
+
+    def summary(self) -> dict[str, Any]:
+        """What the report says about training."""
+        return {"users": self.users, "rows": self.rows, "changed_users": self.changed_users,
+                "replayed_users": self.replayed_users, "selection": self.selection,
+                "stop_reason": self.stop_reason, "best_epoch": self.best_epoch,
+                "epochs": len(self.history), "wall_s": round(self.wall_s, 2)}
 
 
-def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, train_config: TrainConfig,
-          prepare_config: PrepareConfig, run_name: str, parent: Artifact | None = None,
-          text_features_fn: Callable[[Vocabulary], torch.Tensor] | None = None,
+def train(storage: Storage, sequences: pa.Table | str, *, model_config: ModelConfig,
+          train_config: TrainConfig, prepare_config: PrepareConfig, run_name: str,
+          parent: Artifact | None = None, text_features_fn: Callable[[Vocabulary], torch.Tensor] | None = None,
           ks: list[int] | None = None, runs_dir: str = "runs", callbacks: list | None = None) -> TrainResult:
     """Train on ``sequences`` (leave-one-out split) and return the best-on-validation model.
 
-    ``parent`` (the promoted model) is warm-started from only when ``train_config.warm_start``.
+    ``sequences``: the date of the ``sequences/dt=DATE`` partition, read from storage with Ray Data
+    (the stage), or a table already in memory (tests, benchmarks). ``parent`` (the promoted model)
+    is warm-started from only when ``train_config.warm_start``; then, reading from storage, only the
+    users with new events plus a replay sample are trained on (see :func:`plan_users`).
     The run's state lives under ``runs_dir/run_name`` below the storage root (a run of that name
     that did not finish resumes from its latest checkpoint); ``callbacks`` are Ray Train
     ``UserCallback``s (``seqrec tune`` passes one that reports each epoch to its Tune trial).
@@ -61,34 +79,78 @@ def train(storage: Storage, sequences: pa.Table, *, model_config: ModelConfig, t
     check_choices(train_config, "train")
     started = time.perf_counter()
     parent = parent if train_config.warm_start else None
-    vocab = build_vocabulary(sequences, prepare_config, parent)
-    vocab.counts = item_counts(sequences, vocab)
+    date = sequences if isinstance(sequences, str) else None
+    selection, why = plan_users(parent, train_config, date)
+    source = _source(storage, sequences, with_ts=selection is not None)
+    row_width = model_config.max_len + 1
+    windows = train_config.windows == "all"
+    stats = sequence_stats(source, row_width, windows, selection)
+    vocab = build_vocabulary(stats.item_ids, prepare_config, parent)
+    vocab.counts = stats.counts_by_index(vocab)
     text_features = text_features_fn(vocab) if text_features_fn else None
     model = initial_model(vocab, model_config, parent, text_features)
     warm_from = parent.version if parent is not None and same_architecture(parent.model, model) else None
-    datasets = make_datasets(sequences, vocab, model_config.max_len, train_config.num_workers,
-                             windows=train_config.windows == "all")
-    train_rows = datasets["train"].count()
-    if train_rows == 0:
+    if selection is not None and not same_architecture(parent.model, model):
+        selection, why = None, "all users: the promoted model has another architecture"
+        stats = sequence_stats(source, row_width, windows)
+    if stats.rows == 0:
         raise InputError("no user has enough history to train on (need at least 4 known items: 2 to learn "
                          "from, 1 for validation, 1 for test)")
+    datasets = make_datasets(source, vocab, model_config.max_len, stats.longest, windows=windows,
+                             selection=selection)
     inputs = WorkerInputs(
         train_config=train_config, model_config=model.config.to_dict(), ks=ks or [10, 20],
         initial_state=ray.put({k: v.contiguous() for k, v in model.state_dict().items()}),
-        train_rows=train_rows, item_counts=vocab.counts)
-    log.info("training %s model: %d rows, %d items, %d workers, up to %d epochs -> run %s",
-             model_config.kind, train_rows, vocab.num_items, train_config.num_workers, train_config.epochs,
-             storage.uri(runs_dir, run_name))
+        train_rows=stats.rows, item_counts=vocab.counts)
+    users = stats.changed_users + stats.replayed_users
+    log.info("training %s model on %d of %d users (%s): %d rows, %d items, %d workers, up to %d epochs "
+             "-> run %s", model_config.kind, users, stats.users, why, stats.rows, vocab.num_items,
+             train_config.num_workers, train_config.epochs, storage.uri(runs_dir, run_name))
     state = _fit(storage, runs_dir, run_name, train_config, inputs, datasets, model, callbacks)
     if model.text_projection is not None and train_config.cold_items == "learned":
-        _place_cold_items(model, vocab, sequences, model_config, train_config)
+        sample = placement_sample(source, stats.users, PLACEMENT_USERS, train_config.seed)
+        _place_cold_items(model, vocab, sample, model_config, train_config)
     model.eval()
     best_val = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
-    log.info("training done: best epoch %d, %s %.4f, %.1f s", state.best_epoch, SELECTION_METRIC,
-             best_val.get(SELECTION_METRIC, float("nan")), time.perf_counter() - started)
+    log.info("training done (%s): best epoch %d, %s %.4f, %.1f s", state.stopped, state.best_epoch,
+             SELECTION_METRIC, best_val.get(SELECTION_METRIC, float("nan")), time.perf_counter() - started)
     return TrainResult(model=model, vocab=vocab, history=state.history, best_epoch=state.best_epoch,
                        best_val=best_val, run_name=run_name, wall_s=time.perf_counter() - started,
-                       parent=warm_from, restores=state.restores)
+                       parent=warm_from, restores=state.restores,
+                       users=users, rows=stats.rows, changed_users=stats.changed_users,
+                       replayed_users=stats.replayed_users, selection=why, stop_reason=state.stopped)
+
+
+def plan_users(parent: Artifact | None, train_config: TrainConfig,
+               date: str | None) -> tuple[UserSelection | None, str]:
+    """Which users tonight trains on (None: all), and the reason in words.
+
+    A warm start fine-tunes on the users with events after the parent's training night plus a
+    replay sample; a cold night, a rerun of the parent's own night or ``warm_start_users=all``
+    trains on everyone.
+    """
+    if parent is None:
+        return None, "all users: no model to warm-start from"
+    if train_config.warm_start_users == "all":
+        return None, "all users: train.warm_start_users=all"
+    if date is None:
+        return None, "all users: sequences given in memory"
+    since = training_date(parent)
+    if since is None:
+        return None, f"all users: the training night of {parent.version} is unknown"
+    if since >= date:
+        return None, f"all users: {parent.version} was trained on the sequences of {since}"
+    start = dt.datetime.fromisoformat(since).replace(tzinfo=dt.timezone.utc) + dt.timedelta(days=1)
+    selection = UserSelection(since=start, replay_share=train_config.replay_share, salt=date)
+    return selection, (f"warm start: users with events since {start.date()} + a "
+                       f"{train_config.replay_share:g} replay sample of the others")
+
+
+def _source(storage: Storage, sequences: pa.Table | str, with_ts: bool) -> ray.data.Dataset:
+    columns = [*SEQUENCE_COLUMNS, "ts"] if with_ts else SEQUENCE_COLUMNS
+    if isinstance(sequences, str):
+        return read_sequences_dataset(storage, sequences, columns)
+    return table_dataset(sequences, columns)
 
 
 def _fit(storage: Storage, runs_dir: str, run_name: str, train_config: TrainConfig, inputs: WorkerInputs,
@@ -124,13 +186,9 @@ def _fit(storage: Storage, runs_dir: str, run_name: str, train_config: TrainConf
     return saved.state
 
 
-def _place_cold_items(model: SeqRecModel, vocab: Vocabulary, sequences: pa.Table, model_config: ModelConfig,
+def _place_cold_items(model: SeqRecModel, vocab: Vocabulary, sample: pa.Table, model_config: ModelConfig,
                       train_config: TrainConfig) -> None:
     """Fit rows for the items without any from their text, on a sample of users' training rows."""
-    sample = sequences.select(["item_ids", "event_types"])
-    if sample.num_rows > PLACEMENT_USERS:                          # the fit needs examples, not everyone
-        rng = np.random.default_rng(train_config.seed)
-        sample = sample.take(np.sort(rng.choice(sample.num_rows, PLACEMENT_USERS, replace=False)))
     rows = EncodeSplit(vocab, model_config.max_len, holdout=2)(sample)
     fit = place_untrained_items(model, rows["items"], rows["event_types"],
                                 without_id_rows(model, vocab.counts), seed=train_config.seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -145,6 +146,82 @@ def replicas_in_sync(model: torch.nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# Progress and budgets
+# --------------------------------------------------------------------------------------------
+def log_to_stderr(logger_name: str = "seqrec") -> None:
+    """Emit this process's ``seqrec`` INFO lines on stderr, which Ray forwards to the driver and the
+    job's logs: a Ray worker configures no handler of its own, so they would be dropped."""
+    logger = logging.getLogger(logger_name)
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False             # a root handler, where one exists, would print it twice
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(epoch: int, epochs: int, step: int, steps: int, rows_per_s: float, eta_s: float) -> str:
+    return (f"epoch {epoch + 1}/{epochs} step {step}/{steps} {rows_per_s:,.0f} rows/s "
+            f"epoch ETA {_duration(eta_s)}")
+
+
+class Progress:
+    """Rank 0's progress line every ``every_s`` seconds (the other ranks stay quiet)."""
+
+    def __init__(self, rank: int, world: int, every_s: float, epochs: int, steps_per_epoch: int):
+        self.enabled = rank == 0
+        self.world, self.every_s, self.epochs, self.steps_per_epoch = world, every_s, epochs, steps_per_epoch
+        self.epoch, self.started, self.last = 0, time.perf_counter(), time.perf_counter()
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.started = epoch, time.perf_counter()
+        self.last = self.started
+
+    def step(self, step: int, rows: int) -> None:
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = max(now - self.started, 1e-9)
+        eta = (self.steps_per_epoch - step) * elapsed / max(step, 1)
+        log.info(progress_line(self.epoch, self.epochs, step, self.steps_per_epoch,
+                               rows * self.world / elapsed, eta))
+
+    def validated(self, metrics: dict[str, Any], best: float, best_epoch: int) -> None:
+        if self.enabled:
+            log.info("epoch %d/%d validated: train loss %.4f, %s %.4f (best %.4f at epoch %d), %.1f s",
+                     self.epoch + 1, self.epochs, metrics["train_loss"], SELECTION_METRIC,
+                     metrics[SELECTION_METRIC], best, best_epoch + 1, time.perf_counter() - self.started)
+
+
+class Budget:
+    """``train.max_steps`` and ``train.max_minutes``; every rank reaches the same verdict at the same step
+    (the time check is agreed over ranks), since a rank that stopped alone would hang the others."""
+
+    def __init__(self, train_config: TrainConfig, steps_done: int):
+        self.max_steps, self.max_s = train_config.max_steps, train_config.max_minutes * 60.0
+        self.steps, self.started = steps_done, time.perf_counter()
+
+    def spent(self) -> str:
+        """After one more step: "" to go on, else which budget is used up."""
+        self.steps += 1
+        if self.max_steps and self.steps >= self.max_steps:
+            return "max_steps"
+        if self.max_s:
+            over = torch.tensor([float(time.perf_counter() - self.started >= self.max_s)])
+            if _distributed():
+                torch.distributed.all_reduce(over, op=torch.distributed.ReduceOp.MAX)
+            if over.item():
+                return "max_minutes"
+        return ""
+
+
+# --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
 def _log_q(train_config: TrainConfig, item_counts: np.ndarray, device: torch.device) -> torch.Tensor | None:
@@ -173,10 +250,11 @@ def _restore(model: SeqRecModel, optimizer: torch.optim.Optimizer, rank: int
 
 
 def _train_epoch(model, core, optimizer, scheduler, accelerator, batches, train_config: TrainConfig,
-                 log_q, out_of_softmax) -> dict[str, float]:
-    """One pass over this rank's shard; returns its sums (loss, steps, rows)."""
+                 log_q, out_of_softmax, progress: Progress, budget: Budget) -> tuple[dict[str, float], str]:
+    """One pass over this rank's shard, or less when a budget runs out; returns its sums (loss,
+    steps, rows) and the budget that stopped it ("" if none did)."""
     model.train()
-    loss_sum, steps, rows_trained = 0.0, 0, 0
+    loss_sum, steps, rows_trained, spent = 0.0, 0, 0, ""
     for batch in batches:
         with accelerator.autocast():
             loss = training_step_loss(model, core, batch["items"], batch["event_types"], train_config, log_q,
@@ -188,7 +266,11 @@ def _train_epoch(model, core, optimizer, scheduler, accelerator, batches, train_
         loss_sum += loss.item()
         steps += 1
         rows_trained += len(batch["items"])
-    return {"loss_sum": loss_sum, "steps": float(steps), "rows": float(rows_trained)}
+        progress.step(steps, rows_trained)
+        spent = budget.spent()
+        if spent:
+            break
+    return {"loss_sum": loss_sum, "steps": float(steps), "rows": float(rows_trained)}, spent
 
 
 def _report(rank: int, metrics: dict[str, Any], state: TrainingState, core: SeqRecModel,
@@ -203,9 +285,14 @@ def _report(rank: int, metrics: dict[str, Any], state: TrainingState, core: SeqR
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
+def _should_validate(epoch: int, train_config: TrainConfig, stopping: bool) -> bool:
+    return (epoch + 1) % train_config.eval_every == 0 or epoch == train_config.epochs - 1 or stopping
+
+
 def train_loop_per_worker(inputs: WorkerInputs) -> None:
     from accelerate import Accelerator
 
+    log_to_stderr()
     train_config = inputs.train_config
     if train_config.torch_threads:
         torch.set_num_threads(train_config.torch_threads)
@@ -229,10 +316,12 @@ def train_loop_per_worker(inputs: WorkerInputs) -> None:
 
     per_worker_batch = max(1, train_config.batch_size // world)
     steps_per_epoch = -(-inputs.train_rows // (per_worker_batch * world))
-    done_steps = start_epoch * steps_per_epoch                     # a restored run resumes its schedule
+    total_steps = train_config.epochs * steps_per_epoch
+    if train_config.max_steps:
+        total_steps = min(total_steps, train_config.max_steps)     # the schedule ends with the budget
+    done_steps = state.steps or start_epoch * steps_per_epoch     # a restored run resumes its schedule
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        done_steps + step, train_config.warmup_steps, train_config.epochs * steps_per_epoch,
-        train_config.lr_schedule))
+        done_steps + step, train_config.warmup_steps, total_steps, train_config.lr_schedule))
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
     log_q = _log_q(train_config, inputs.item_counts, device)
@@ -242,21 +331,24 @@ def train_loop_per_worker(inputs: WorkerInputs) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    progress = Progress(rank, world, train_config.log_every_s, train_config.epochs, steps_per_epoch)
+    budget = Budget(train_config, done_steps)
     patience_left = train_config.patience
     for epoch in range(start_epoch, train_config.epochs):
         started = time.perf_counter()
+        progress.start_epoch(epoch)
         batches = train_shard.iter_torch_batches(
             batch_size=per_worker_batch, dtypes=torch.long, device=str(device),
             local_shuffle_buffer_size=per_worker_batch * 4,
             local_shuffle_seed=train_config.seed + epoch * 131 + rank)
-        sums = _train_epoch(model, core, optimizer, scheduler, accelerator, batches, train_config, log_q,
-                            out_of_softmax)
+        sums, spent = _train_epoch(model, core, optimizer, scheduler, accelerator, batches, train_config,
+                                   log_q, out_of_softmax, progress, budget)
         train_s = time.perf_counter() - started
         sums = reduce_sums(sums)
         metrics = {"epoch": epoch, "train_loss": sums["loss_sum"] / max(sums["steps"], 1.0),
                    "train_seq_per_s": sums["rows"] / max(train_s, 1e-9),
                    "replicas_in_sync": replicas_in_sync(core)}
-        if (epoch + 1) % train_config.eval_every == 0 or epoch == train_config.epochs - 1:
+        if _should_validate(epoch, train_config, stopping=bool(spent)):
             val_batches = val_shard.iter_torch_batches(batch_size=VALIDATION_BATCH_ROWS, dtypes=torch.long)
             val_sums = evaluate_batches(core, val_batches, inputs.ks, device, bf16=mixed == "bf16")
             metrics.update(means(reduce_sums(val_sums), "val_"))
@@ -266,10 +358,13 @@ def train_loop_per_worker(inputs: WorkerInputs) -> None:
                 best_weights = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
             else:
                 patience_left -= 1                 # patience counts validations, all ranks alike
+            progress.validated(metrics, state.best, state.best_epoch)
         metrics["epoch_s"] = time.perf_counter() - started
-        state.epoch = epoch
+        state.epoch, state.steps = epoch, budget.steps
         state.history.append(metrics)
-        state.done = patience_left <= 0 or epoch == train_config.epochs - 1
+        state.stopped = spent or ("patience" if patience_left <= 0 else
+                                  "epochs" if epoch == train_config.epochs - 1 else "")
+        state.done = bool(state.stopped)
         _report(rank, metrics, state, core, best_weights, optimizer)
         if state.done:
             break

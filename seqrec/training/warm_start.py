@@ -7,6 +7,7 @@ after them, so the parent's item rows can be copied as they are.
 from __future__ import annotations
 
 import logging
+import re
 
 import pyarrow as pa
 import torch
@@ -24,10 +25,13 @@ def event_type_vocabulary(prepare_config: PrepareConfig) -> list[str]:
     return list(dict.fromkeys([*prepare_config.event_types, prepare_config.default_event_type]))
 
 
-def build_vocabulary(sequences: pa.Table, prepare_config: PrepareConfig,
+def build_vocabulary(sequences: pa.Table | pa.Array, prepare_config: PrepareConfig,
                      parent: Artifact | None) -> Vocabulary:
-    """Tonight's items: the parent's indices kept and new items appended, or a fresh vocabulary."""
-    flat, _ = list_parts(sequences["item_ids"])
+    """Tonight's items: the parent's indices kept and new items appended, or a fresh vocabulary.
+
+    ``sequences``: the night's sequences, or the distinct items in them.
+    """
+    flat = list_parts(sequences["item_ids"])[0] if isinstance(sequences, pa.Table) else sequences
     if parent is not None:
         return parent.vocab.extend(flat)
     return Vocabulary.build(flat, event_type_vocabulary(prepare_config))
@@ -80,3 +84,12 @@ def _copy_parent_weights(parent: Artifact, model: SeqRecModel, new_items_from_te
         elif key in new and new[key].shape == value.shape:
             new[key] = value
     model.load_state_dict(new)
+
+
+def training_date(parent: Artifact) -> str | None:
+    """The night whose sequences the parent was trained on (``YYYY-MM-DD``), from its manifest."""
+    manifest = parent.manifest or {}
+    if manifest.get("training_date"):
+        return str(manifest["training_date"])
+    found = re.search(r"dt=(\d{4}-\d{2}-\d{2})", str(manifest.get("training_data", "")))
+    return found.group(1) if found else None
