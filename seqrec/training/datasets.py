@@ -23,6 +23,7 @@ import ray
 import torch
 
 from seqrec.data import Vocabulary, encode, list_parts, longest, window_index
+from seqrec.errors import InputError
 from seqrec.evaluate import evaluation_rows
 from seqrec.storage import Storage, read_parquet_batches
 
@@ -216,8 +217,6 @@ def read_sequences_dataset(storage: Storage, date: str, columns: list[str],
                            rows_per_block: int = ENCODE_BATCH_ROWS) -> ray.data.Dataset:
     """``sequences/dt=date`` as a Ray dataset of ``columns``, read ``rows_per_block`` users at a time
     (:func:`seqrec.storage.read_parquet_batches`: bounded memory per read task, as scoring reads)."""
-    from seqrec.prepare import InputError
-
     files = storage.list_files("sequences", f"dt={date}", suffix=".parquet")
     if not files:
         raise InputError(f"no sequences for {date} under {storage.uri('sequences')}; "
