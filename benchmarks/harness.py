@@ -12,8 +12,9 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import psutil
 import torch
@@ -58,11 +59,11 @@ class ProcessTreeMemory:
         self.peak_rss = self.peak_pss = self.peak_mem = self.peak_store = 0
         self._store = _ObjectStore()
         self.peak_processes = 0
-        self.peak_driver_rss = 0                      # this process alone (the job's driver)
-        self.peak_by_process: dict[str, float] = {}   # role -> private + file PSS when peak_mem was reached
+        self.peak_driver_rss = 0  # this process alone (the job's driver)
+        self.peak_by_process: dict[str, float] = {}  # role -> private + file PSS when peak_mem was reached
         self.samples = 0
-        self.cpu_seen: dict[int, float] = {}     # pid -> its CPU seconds at the previous sample
-        self.cpu_s: dict[str, float] = {}        # process role -> CPU seconds used while sampled
+        self.cpu_seen: dict[int, float] = {}  # pid -> its CPU seconds at the previous sample
+        self.cpu_s: dict[str, float] = {}  # process role -> CPU seconds used while sampled
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -111,8 +112,8 @@ class ProcessTreeMemory:
             self.samples += 1
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "ProcessTreeMemory":
-        self.sample(with_pss=False)                # baseline: CPU used before the block is not counted
+    def __enter__(self) -> ProcessTreeMemory:
+        self.sample(with_pss=False)  # baseline: CPU used before the block is not counted
         self.cpu_s.clear()
         self._machine_busy, self._started = _machine_busy_s(), time.perf_counter()
         self._steal = getattr(psutil.cpu_times(), "steal", 0.0)
@@ -132,18 +133,26 @@ class ProcessTreeMemory:
     def result(self) -> dict[str, Any]:
         """Peaks, and CPU seconds by process role (where the machine's time went: a profile of the tree)."""
         ours = sum(self.cpu_s.values())
-        return {"peak_mem_gib": round(self.peak_mem / GIB, 3), "peak_pss_gib": round(self.peak_pss / GIB, 3),
-                "driver_peak_rss_gib": round(self.peak_driver_rss / GIB, 3),
-                "peak_rss_gib": round(self.peak_rss / GIB, 3), "peak_object_store_gib": round(self.peak_store / GIB, 3),
-                "peak_processes": self.peak_processes, "memory_samples": self.samples,
-                "peak_mem_gib_by_process": {k: round(v / GIB, 3) for k, v in
-                                            sorted(self.peak_by_process.items(), key=lambda kv: -kv[1])},
-                "cpu_s_by_process": {k: round(v, 1) for k, v in sorted(self.cpu_s.items(), key=lambda kv: -kv[1])},
-                # The machine is shared: CPU seconds that processes outside this tree used meanwhile.
-                "cpu_s_other_processes": round(max(self.machine_busy_s - ours, 0.0), 1),
-                "cpu_s_available": round(self.wall_s * (os.cpu_count() or 1), 1),
-                # A virtual machine's CPUs may be taken by the host for other guests ("steal").
-                "cpu_s_stolen_by_host": round(self.steal_s, 1)}
+        return {
+            "peak_mem_gib": round(self.peak_mem / GIB, 3),
+            "peak_pss_gib": round(self.peak_pss / GIB, 3),
+            "driver_peak_rss_gib": round(self.peak_driver_rss / GIB, 3),
+            "peak_rss_gib": round(self.peak_rss / GIB, 3),
+            "peak_object_store_gib": round(self.peak_store / GIB, 3),
+            "peak_processes": self.peak_processes,
+            "memory_samples": self.samples,
+            "peak_mem_gib_by_process": {
+                k: round(v / GIB, 3) for k, v in sorted(self.peak_by_process.items(), key=lambda kv: -kv[1])
+            },
+            "cpu_s_by_process": {
+                k: round(v, 1) for k, v in sorted(self.cpu_s.items(), key=lambda kv: -kv[1])
+            },
+            # The machine is shared: CPU seconds that processes outside this tree used meanwhile.
+            "cpu_s_other_processes": round(max(self.machine_busy_s - ours, 0.0), 1),
+            "cpu_s_available": round(self.wall_s * (os.cpu_count() or 1), 1),
+            # A virtual machine's CPUs may be taken by the host for other guests ("steal").
+            "cpu_s_stolen_by_host": round(self.steal_s, 1),
+        }
 
 
 def _pss_parts(pid: int, default: int) -> tuple[int, int, int]:
@@ -208,28 +217,34 @@ def _role(process: psutil.Process) -> str:
 
 
 def matmul_peak_flops(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """This machine's float32 matmul FLOP/s with ``threads`` torch threads: best of ``repeats`` (n x n) @ (n x n)."""
+    """This machine's float32 matmul FLOP/s with ``threads`` torch threads.
+
+    The best of ``repeats`` products of two (n x n) matrices."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         a, b = torch.randn(n, n), torch.randn(n, n)
         out = torch.empty(n, n)
-        torch.mm(a, b, out=out)                       # warm-up: MKL's first call sets up its buffers
+        torch.mm(a, b, out=out)  # warm-up: MKL's first call sets up its buffers
         best = float("inf")
         for _ in range(repeats):
             started = time.perf_counter()
             torch.mm(a, b, out=out)
             best = min(best, time.perf_counter() - started)
-        return 2.0 * n ** 3 / best
+        return 2.0 * n**3 / best
     finally:
         torch.set_num_threads(previous)
 
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on, and how busy it was (the load average counts other users)."""
-    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "memory_gib": round(psutil.virtual_memory().total / GIB, 1), "torch": torch.__version__,
-            "load_average_1m": round(os.getloadavg()[0], 2)}
+    return {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "memory_gib": round(psutil.virtual_memory().total / GIB, 1),
+        "torch": torch.__version__,
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def table(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
@@ -245,9 +260,10 @@ def table(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
         return str(value)
 
     cells = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)),
-             "  ".join("-" * w for w in widths)]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)
+    ]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
 
@@ -256,7 +272,11 @@ def write_results(name: str, payload: dict[str, Any], out: str | Path | None = N
     """Write ``payload`` (plus when and where) to ``results/<name>.json`` or ``out``."""
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "machine": machine(), **payload}
+    payload = {
+        "benchmark": name,
+        "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        **payload,
+    }
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path

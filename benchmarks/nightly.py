@@ -45,16 +45,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
 import psutil
-
-import harness
 
 log = logging.getLogger("benchmarks.nightly")
 
 EVENT_TYPES = ("view", "click", "cart", "purchase")
 EVENT_P = (0.6, 0.25, 0.1, 0.05)
-ROWS_PER_FILE = 1_000_000         # events per Parquet file: one prepare task each
+ROWS_PER_FILE = 1_000_000  # events per Parquet file: one prepare task each
 END_DATE = "2030-03-07"
 GIB = 1 << 30
 
@@ -91,7 +90,7 @@ def chains(rng: np.random.Generator, items: int) -> np.ndarray:
 def sessions_of_day(spec: EventSpec, day: int, rng: np.random.Generator) -> np.ndarray:
     """Users active on ``day`` (0-based): a ``daily_active`` share, plus each user's extra history day."""
     active = rng.random(spec.users) < spec.daily_active
-    if day < spec.days - 1:   # the history days: everyone has one, so the cold night knows every user
+    if day < spec.days - 1:  # the history days: everyone has one, so the cold night knows every user
         extra_day = np.random.default_rng([spec.seed, 991]).integers(0, spec.days - 1, spec.users)
         active |= extra_day == day
     return np.flatnonzero(active).astype(np.int64)
@@ -119,17 +118,21 @@ def day_events(spec: EventSpec, day: int, succ: np.ndarray, cdf: np.ndarray) -> 
     items = np.empty(total, dtype=np.int64)
     current = np.minimum(np.searchsorted(cdf, rng.random(len(users))), spec.items - 1)
     for step in range(int(lengths.max(initial=0))):
-        n = int(np.searchsorted(-live_at, -step, side="left"))   # sessions longer than ``step``
+        n = int(np.searchsorted(-live_at, -step, side="left"))  # sessions longer than ``step``
         current = current[:n]
         items[first[:n] + step] = current
         jump = rng.random(n) >= spec.follow
         current = succ[current]
         current[jump] = np.minimum(np.searchsorted(cdf, rng.random(int(jump.sum()))), spec.items - 1)
-    day_start = int(dt.datetime.fromisoformat(spec.dates()[day]).replace(tzinfo=dt.timezone.utc).timestamp())
+    day_start = int(dt.datetime.fromisoformat(spec.dates()[day]).replace(tzinfo=dt.UTC).timestamp())
     session_start = rng.integers(0, 86_400 - 3_600, len(users))
     ts = day_start + np.repeat(session_start, lengths) + position * 30
-    return {"user_id": np.repeat(users + 1, lengths), "item_id": items + 1, "ts": ts * 1_000_000,
-            "event_type": rng.choice(len(EVENT_TYPES), total, p=EVENT_P)}
+    return {
+        "user_id": np.repeat(users + 1, lengths),
+        "item_id": items + 1,
+        "ts": ts * 1_000_000,
+        "event_type": rng.choice(len(EVENT_TYPES), total, p=EVENT_P),
+    }
 
 
 def write_events(root: str, spec: EventSpec) -> dict[str, int]:
@@ -151,10 +154,14 @@ def write_events(root: str, spec: EventSpec) -> dict[str, int]:
         storage.delete_dir("events", f"dt={date}")
         for part, first in enumerate(range(0, n, ROWS_PER_FILE)):
             s = slice(first, first + ROWS_PER_FILE)
-            table = pa.table({"user_id": pa.array(columns["user_id"][s]),
-                              "item_id": pa.array(columns["item_id"][s]),
-                              "ts": pa.array(columns["ts"][s], pa.timestamp("us", tz="UTC")),
-                              "event_type": types.take(pa.array(columns["event_type"][s]))})
+            table = pa.table(
+                {
+                    "user_id": pa.array(columns["user_id"][s]),
+                    "item_id": pa.array(columns["item_id"][s]),
+                    "ts": pa.array(columns["ts"][s], pa.timestamp("us", tz="UTC")),
+                    "event_type": types.take(pa.array(columns["event_type"][s])),
+                }
+            )
             storage.write_table(table, "events", f"dt={date}", f"part-{part:05d}.parquet")
         counts[date] = n
     return counts
@@ -192,8 +199,10 @@ class StageMemory(logging.Handler):
         with self._lock:
             if self.stage is not None:
                 self.tree.sample(with_pss=True)
-                self.peaks[self.stage] = {"driver_peak_rss_gib": round(self._driver_peak / GIB, 3),
-                                          "peak_mem_gib": round(self.tree.peak_mem / GIB, 3)}
+                self.peaks[self.stage] = {
+                    "driver_peak_rss_gib": round(self._driver_peak / GIB, 3),
+                    "peak_mem_gib": round(self.tree.peak_mem / GIB, 3),
+                }
             self.stage = stage
             self.tree.peak_mem = 0
             self._driver_peak = self.driver.memory_info().rss
@@ -203,7 +212,7 @@ class StageMemory(logging.Handler):
             with self._lock:
                 self._driver_peak = max(self._driver_peak, self.driver.memory_info().rss)
 
-    def __enter__(self) -> "StageMemory":
+    def __enter__(self) -> StageMemory:
         logging.getLogger("seqrec").addHandler(self)
         logging.getLogger("seqrec").setLevel(logging.INFO)
         self.tree.__enter__()
@@ -225,14 +234,24 @@ class StageMemory(logging.Handler):
 def night_config(args, users: int):
     from seqrec.config import TrainConfig, load_config
 
-    overrides = [f"prepare.max_len={args.max_len}", f"model.max_len={args.max_len}",
-                 f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}", "model.dropout=0.2",
-                 "train.loss=sampled", f"train.num_negatives={args.negatives}",
-                 f"train.batch_size={args.batch_size}", "train.patience=1", "train.num_workers=2",
-                 "train.cpus_per_worker=0.5", "train.torch_threads=1",
-                 "eval.promote_tolerance=1.0",      # the warm night is always scored by its candidate
-                 f"score.num_actors={args.actors}", "score.cpus_per_actor=0.5",
-                 f"prepare.buckets={args.buckets}"]
+    overrides = [
+        f"prepare.max_len={args.max_len}",
+        f"model.max_len={args.max_len}",
+        f"model.hidden_size={args.hidden}",
+        f"model.num_layers={args.layers}",
+        "model.dropout=0.2",
+        "train.loss=sampled",
+        f"train.num_negatives={args.negatives}",
+        f"train.batch_size={args.batch_size}",
+        "train.patience=1",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.torch_threads=1",
+        "eval.promote_tolerance=1.0",  # the warm night is always scored by its candidate
+        f"score.num_actors={args.actors}",
+        "score.cpus_per_actor=0.5",
+        f"prepare.buckets={args.buckets}",
+    ]
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     if "max_steps" in fields and args.max_steps:
         overrides += [f"train.max_steps={args.max_steps}", "train.epochs=1000"]
@@ -247,12 +266,19 @@ def run_night(storage, date: str, config) -> dict[str, Any]:
     gc.collect()
     with StageMemory() as memory:
         result = run_nightly(storage, date, config)
-    stages = {stage: {"wall_s": result.timings_s.get(stage), **memory.peaks.get(stage, {})}
-              for stage in result.timings_s}
-    return {"date": date, "stages": stages, "val_ndcg@10": result.metrics["val"]["model"]["ndcg@10"],
-            "val_popularity_ndcg@10": result.metrics["val"]["popularity"]["ndcg@10"],
-            "prepare": result.prepare.as_dict(), "promoted": result.promoted,
-            "recommendations": result.recommendations.rows}
+    stages = {
+        stage: {"wall_s": result.timings_s.get(stage), **memory.peaks.get(stage, {})}
+        for stage in result.timings_s
+    }
+    return {
+        "date": date,
+        "stages": stages,
+        "val_ndcg@10": result.metrics["val"]["model"]["ndcg@10"],
+        "val_popularity_ndcg@10": result.metrics["val"]["popularity"]["ndcg@10"],
+        "prepare": result.prepare.as_dict(),
+        "promoted": result.promoted,
+        "recommendations": result.recommendations.rows,
+    }
 
 
 def measure(args, users: int) -> dict[str, Any]:
@@ -261,8 +287,14 @@ def measure(args, users: int) -> dict[str, Any]:
     from seqrec.runtime import init_ray
     from seqrec.storage import Storage
 
-    spec = EventSpec(users=users, items=args.items, events_per_user=args.events_per_user, days=args.days,
-                     daily_active=args.daily_active, seed=args.seed)
+    spec = EventSpec(
+        users=users,
+        items=args.items,
+        events_per_user=args.events_per_user,
+        days=args.days,
+        daily_active=args.daily_active,
+        seed=args.seed,
+    )
     root = args.root or tempfile.mkdtemp(prefix="seqrec-bench-nightly-")
     started = time.perf_counter()
     # In a forked child: the driver, whose memory is measured, keeps no trace of the generation.
@@ -270,11 +302,15 @@ def measure(args, users: int) -> dict[str, Any]:
 
     per_day = in_child_process(write_events, root, spec)
     generate_s = round(time.perf_counter() - started, 1)
-    print(f"{users:,} users: {sum(per_day.values()):,} events over {spec.days} days in {generate_s} s "
-          f"({per_day[spec.dates()[-1]]:,} on the last day)", file=sys.stderr, flush=True)
+    print(
+        f"{users:,} users: {sum(per_day.values()):,} events over {spec.days} days in {generate_s} s "
+        f"({per_day[spec.dates()[-1]]:,} on the last day)",
+        file=sys.stderr,
+        flush=True,
+    )
     storage = Storage(root)
     started_ray = not ray.is_initialized()
-    for attempt in range(3):   # a loaded machine can miss Ray's fixed 30 s raylet start-up wait
+    for attempt in range(3):  # a loaded machine can miss Ray's fixed 30 s raylet start-up wait
         try:
             init_ray()
             break
@@ -297,21 +333,29 @@ def measure(args, users: int) -> dict[str, Any]:
             shutil.rmtree(root, ignore_errors=True)
     stages = warm["stages"]
     return {
-        "users": users, "items": args.items, "events": sum(per_day.values()),
-        "events_last_day": per_day[warm_date], "users_with_sequences": warm["prepare"]["users"],
+        "users": users,
+        "items": args.items,
+        "events": sum(per_day.values()),
+        "events_last_day": per_day[warm_date],
+        "users_with_sequences": warm["prepare"]["users"],
         "stage_s": {s: v["wall_s"] for s, v in stages.items()},
-        "driver_peak_rss_gib": max(v.get("driver_peak_rss_gib", 0) for n in (cold, warm)
-                                   for v in n["stages"].values()),
+        "driver_peak_rss_gib": max(
+            v.get("driver_peak_rss_gib", 0) for n in (cold, warm) for v in n["stages"].values()
+        ),
         "peak_mem_gib": max(v.get("peak_mem_gib", 0) for n in (cold, warm) for v in n["stages"].values()),
-        "cold_train_s": cold["stages"]["train"]["wall_s"], "warm_train_s": stages["train"]["wall_s"],
-        "cold_val_ndcg@10": round(cold["val_ndcg@10"], 4), "warm_val_ndcg@10": round(warm["val_ndcg@10"], 4),
+        "cold_train_s": cold["stages"]["train"]["wall_s"],
+        "warm_train_s": stages["train"]["wall_s"],
+        "cold_val_ndcg@10": round(cold["val_ndcg@10"], 4),
+        "warm_val_ndcg@10": round(warm["val_ndcg@10"], 4),
         "cold_val_popularity_ndcg@10": round(cold["val_popularity_ndcg@10"], 4),
-        "generate_s": generate_s, "nights": {"cold": cold, "warm": warm},
+        "generate_s": generate_s,
+        "nights": {"cold": cold, "warm": warm},
     }
 
 
-def prepare_only(storage, spec: EventSpec, config, per_day: dict[str, int],
-                 generate_s: float) -> dict[str, Any]:
+def prepare_only(
+    storage, spec: EventSpec, config, per_day: dict[str, int], generate_s: float
+) -> dict[str, Any]:
     """The prepare stage alone: a full night, then an incremental night, each with per-task peaks."""
     from seqrec.prepare import prepare
 
@@ -323,16 +367,26 @@ def prepare_only(storage, spec: EventSpec, config, per_day: dict[str, int],
             report = prepare(storage, date, config.prepare)
         used = memory.result()
         # CPU seconds of the stage's processes: on a shared machine a steadier measure than the wall.
-        nights[kind] = {"wall_s": round(time.perf_counter() - started, 2), "mode": report.mode,
-                        "rows_read": report.rows_read, "users": report.users,
-                        "cpu_s": round(sum(used["cpu_s_by_process"].values()), 1),
-                        "cpu_s_other_processes": used["cpu_s_other_processes"],
-                        "peak_mem_gib": used["peak_mem_gib"],
-                        "driver_peak_rss_gib": round(memory.peak_driver_rss / GIB, 3),
-                        "max_task_rss_gib": round(tasks.peak / GIB, 3)}
-    return {"users": spec.users, "items": spec.items, "events": sum(per_day.values()),
-            "events_last_day": per_day[spec.dates()[-1]], "buckets": config.prepare.buckets,
-            "generate_s": generate_s, "prepare": nights}
+        nights[kind] = {
+            "wall_s": round(time.perf_counter() - started, 2),
+            "mode": report.mode,
+            "rows_read": report.rows_read,
+            "users": report.users,
+            "cpu_s": round(sum(used["cpu_s_by_process"].values()), 1),
+            "cpu_s_other_processes": used["cpu_s_other_processes"],
+            "peak_mem_gib": used["peak_mem_gib"],
+            "driver_peak_rss_gib": round(memory.peak_driver_rss / GIB, 3),
+            "max_task_rss_gib": round(tasks.peak / GIB, 3),
+        }
+    return {
+        "users": spec.users,
+        "items": spec.items,
+        "events": sum(per_day.values()),
+        "events_last_day": per_day[spec.dates()[-1]],
+        "buckets": config.prepare.buckets,
+        "generate_s": generate_s,
+        "prepare": nights,
+    }
 
 
 class TaskPeaks:
@@ -352,7 +406,7 @@ class TaskPeaks:
                 except psutil.Error:
                     continue
 
-    def __enter__(self) -> "TaskPeaks":
+    def __enter__(self) -> TaskPeaks:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -383,8 +437,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--actors", type=int, default=2, help="scoring actors")
     p.add_argument("--buckets", type=int, default=64, help="prepare.buckets")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prepare-only", action="store_true",
-                   help="the prepare stage alone, full then incremental")
+    p.add_argument(
+        "--prepare-only", action="store_true", help="the prepare stage alone, full then incremental"
+    )
     p.add_argument("--root", default=None, help="storage root to keep (default: a temporary directory)")
     p.add_argument("--merge", action="store_true", help="keep other user counts' rows of the results file")
     p.add_argument("--smoke", action="store_true", help="tiny and quick: for tests")
@@ -416,7 +471,6 @@ def cpu() -> dict[str, Any]:
     return {"model": model, "vector_flags": [f for f in VECTOR_FLAGS if f in flags]}
 
 
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -428,22 +482,44 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(args, users)
         rows.append(row)
         if args.prepare_only:
-            print(harness.table([{"users": users, "night": k, **v} for k, v in row["prepare"].items()],
-                                ["users", "night", "wall_s", "rows_read", "driver_peak_rss_gib",
-                                 "peak_mem_gib", "max_task_rss_gib"]))
+            print(
+                harness.table(
+                    [{"users": users, "night": k, **v} for k, v in row["prepare"].items()],
+                    [
+                        "users",
+                        "night",
+                        "wall_s",
+                        "rows_read",
+                        "driver_peak_rss_gib",
+                        "peak_mem_gib",
+                        "max_task_rss_gib",
+                    ],
+                )
+            )
             continue
         print(f"\n{users:,} users, {row['events']:,} events ({row['events_last_day']:,} on the warm night)")
         nights = row["nights"].items()
-        print(harness.table([{"night": night, "stage": stage, **values}
-                             for night, data in nights for stage, values in data["stages"].items()],
-                            COLUMNS))
-        print(f"val NDCG@10: cold {row['cold_val_ndcg@10']}, warm {row['warm_val_ndcg@10']} "
-              f"(popularity {row['cold_val_popularity_ndcg@10']})")
+        print(
+            harness.table(
+                [
+                    {"night": night, "stage": stage, **values}
+                    for night, data in nights
+                    for stage, values in data["stages"].items()
+                ],
+                COLUMNS,
+            )
+        )
+        print(
+            f"val NDCG@10: cold {row['cold_val_ndcg@10']}, warm {row['warm_val_ndcg@10']} "
+            f"(popularity {row['cold_val_popularity_ndcg@10']})"
+        )
     out = Path(args.out) if args.out else harness.RESULTS / f"{name}.json"
     if args.merge and out.exists():
         measured = {r["users"] for r in rows}
-        rows = sorted([r for r in json.loads(out.read_text())["rows"] if r["users"] not in measured] + rows,
-                      key=lambda r: r["users"])
+        rows = sorted(
+            [r for r in json.loads(out.read_text())["rows"] if r["users"] not in measured] + rows,
+            key=lambda r: r["users"],
+        )
     path = harness.write_results(name, {"settings": settings, "cpu": cpu(), "rows": rows}, out)
     print(f"wrote {path}")
     return 0

@@ -3,7 +3,9 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for ray job submit --working-dir
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repository, for ray job submit --working-dir
 
 from seqrec.cli import main  # noqa: E402
 

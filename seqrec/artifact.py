@@ -53,7 +53,7 @@ class Artifact:
 
 
 def new_version(date: str) -> str:
-    return f"{date}-{dt.datetime.now(dt.timezone.utc).strftime('%H%M%S%f')}"
+    return f"{date}-{dt.datetime.now(dt.UTC).strftime('%H%M%S%f')}"
 
 
 def vocabulary_checksum(vocab: Vocabulary) -> str:
@@ -83,26 +83,41 @@ def write_local(artifact: Artifact, directory: str | Path) -> Path:
     artifact.model.save_pretrained(directory)
     pq.write_table(artifact.vocab.to_table(), directory / "vocabulary.parquet")
     import json
+
     (directory / "metrics.json").write_text(json.dumps(artifact.metrics, indent=2, sort_keys=True))
-    (directory / "manifest.json").write_text(json.dumps(artifact.manifest, indent=2, sort_keys=True, default=str))
+    (directory / "manifest.json").write_text(
+        json.dumps(artifact.manifest, indent=2, sort_keys=True, default=str)
+    )
     return directory
 
 
 def read_local(directory: str | Path, version: str = "") -> Artifact:
     """Load an artifact directory, checking that it is safe and self-consistent."""
     import json
+
     directory = Path(directory)
     if not (directory / "config.json").exists():
         raise ArtifactError(f"{directory} is not a model artifact: config.json is missing")
     pickles = [p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES]
     if not (directory / "model.safetensors").exists():
-        raise ArtifactError(f"{directory}: no model.safetensors" + (f" (found pickled weights {pickles}; seqrec "
-                            "never unpickles weights: re-export them as safetensors)" if pickles else ""))
+        raise ArtifactError(
+            f"{directory}: no model.safetensors"
+            + (
+                f" (found pickled weights {pickles}; seqrec "
+                "never unpickles weights: re-export them as safetensors)"
+                if pickles
+                else ""
+            )
+        )
     if pickles:
-        raise ArtifactError(f"{directory}: pickled files {pickles} beside model.safetensors; remove them, "
-                            "seqrec loads weights only from safetensors")
+        raise ArtifactError(
+            f"{directory}: pickled files {pickles} beside model.safetensors; remove them, "
+            "seqrec loads weights only from safetensors"
+        )
     try:
-        model, loading = SeqRecModel.from_pretrained(directory, use_safetensors=True, output_loading_info=True)
+        model, loading = SeqRecModel.from_pretrained(
+            directory, use_safetensors=True, output_loading_info=True
+        )
     except (RuntimeError, ValueError, OSError) as exc:
         raise ArtifactError(f"{directory}: weights do not load into the configured model: {exc}") from exc
     # from_pretrained fills missing tensors with fresh random values and only warns: refuse instead.
@@ -112,19 +127,33 @@ def read_local(directory: str | Path, version: str = "") -> Artifact:
     table = pq.read_table(directory / "vocabulary.parquet")
     vocab = Vocabulary.from_table(table, getattr(model.config, "event_types", []) or [])
     if vocab.num_items != model.config.num_items:
-        raise ArtifactError(f"{directory}: vocabulary has {vocab.num_items} items but the weights were built for "
-                            f"{model.config.num_items}; the artifact is inconsistent, do not use it")
+        raise ArtifactError(
+            f"{directory}: vocabulary has {vocab.num_items} items but the weights were built for "
+            f"{model.config.num_items}; the artifact is inconsistent, do not use it"
+        )
     recorded = getattr(model.config, "vocabulary_checksum", None)
     if recorded is not None and recorded != vocabulary_checksum(vocab):
-        raise ArtifactError(f"{directory}: vocabulary.parquet is not the vocabulary these weights were trained "
-                            "with (same size, other ids or order: checksum differs); do not use it")
+        raise ArtifactError(
+            f"{directory}: vocabulary.parquet is not the vocabulary these weights were trained "
+            "with (same size, other ids or order: checksum differs); do not use it"
+        )
     if model.item_embedding.weight.shape[0] != vocab.num_items + 2:
-        raise ArtifactError(f"{directory}: item table has {model.item_embedding.weight.shape[0]} rows, "
-                            f"expected {vocab.num_items + 2} for the vocabulary")
-    metrics = json.loads((directory / "metrics.json").read_text()) if (directory / "metrics.json").exists() else {}
-    manifest = json.loads((directory / "manifest.json").read_text()) if (directory / "manifest.json").exists() else {}
+        raise ArtifactError(
+            f"{directory}: item table has {model.item_embedding.weight.shape[0]} rows, "
+            f"expected {vocab.num_items + 2} for the vocabulary"
+        )
+    metrics = (
+        json.loads((directory / "metrics.json").read_text()) if (directory / "metrics.json").exists() else {}
+    )
+    manifest = (
+        json.loads((directory / "manifest.json").read_text())
+        if (directory / "manifest.json").exists()
+        else {}
+    )
     model.eval()
-    return Artifact(version=version or directory.name, model=model, vocab=vocab, metrics=metrics, manifest=manifest)
+    return Artifact(
+        version=version or directory.name, model=model, vocab=vocab, metrics=metrics, manifest=manifest
+    )
 
 
 def save(storage: Storage, artifact: Artifact) -> str:
@@ -159,6 +188,15 @@ def promoted_version(storage: Storage) -> str | None:
 
 def promote(storage: Storage, version: str, reason: str, metrics: dict[str, Any] | None = None) -> None:
     previous = promoted_version(storage)
-    storage.write_json({"version": version, "previous": previous, "reason": reason, "metrics": metrics or {},
-                        "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat()}, "models", PROMOTED)
+    storage.write_json(
+        {
+            "version": version,
+            "previous": previous,
+            "reason": reason,
+            "metrics": metrics or {},
+            "promoted_at": dt.datetime.now(dt.UTC).isoformat(),
+        },
+        "models",
+        PROMOTED,
+    )
     log.info("promoted %s (previous: %s): %s", version, previous, reason)

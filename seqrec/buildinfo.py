@@ -24,8 +24,13 @@ def code_version() -> str:
     if stamped:
         return stamped if stamped.startswith(__version__) else f"{__version__}+{stamped}"
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=Path(__file__).parent).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{__version__}+{sha}" if sha else __version__
@@ -36,8 +41,13 @@ def stamp() -> str:
     version = code_version()
     if "+" not in version:
         raise SystemExit("seqrec.buildinfo: no git commit to stamp here (not a checkout, or git missing)")
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        timeout=5,
+        cwd=Path(__file__).parent,
+    ).stdout.strip()
     version += ".dirty" if dirty and not version.endswith(".dirty") else ""
     STAMP.write_text(version + "\n")
     return version

@@ -30,12 +30,12 @@ log = logging.getLogger("seqrec.candidate")
 class Candidate:
     version: str
     result: TrainResult
-    metrics: dict[str, Any]                     # the candidate's evaluation (val and test)
-    live_version: str | None                    # the promoted model when the candidate was made
-    live: artifacts.Artifact | None             # loaded when warm-started from
-    live_metrics: dict[str, Any] | None         # the live model's validation metrics, when compared
-    parent: str | None                          # the model it was warm-started from
-    location: str                               # where the artifact was saved
+    metrics: dict[str, Any]  # the candidate's evaluation (val and test)
+    live_version: str | None  # the promoted model when the candidate was made
+    live: artifacts.Artifact | None  # loaded when warm-started from
+    live_metrics: dict[str, Any] | None  # the live model's validation metrics, when compared
+    parent: str | None  # the model it was warm-started from
+    location: str  # where the artifact was saved
 
 
 def text_features_for(config: Config, storage: Storage):
@@ -47,23 +47,47 @@ def text_features_for(config: Config, storage: Storage):
     return lambda vocab: item_text_features(storage, vocab, config.model.text_encoder)
 
 
-def candidate_artifact(storage: Storage, date: str, config: Config, result: TrainResult, version: str,
-                       parent: str | None, metrics: dict[str, Any]) -> artifacts.Artifact:
+def candidate_artifact(
+    storage: Storage,
+    date: str,
+    config: Config,
+    result: TrainResult,
+    version: str,
+    parent: str | None,
+    metrics: dict[str, Any],
+) -> artifacts.Artifact:
     """The trained candidate with its metrics and manifest (data snapshot, parent, code, config)."""
     return artifacts.Artifact(
-        version=version, model=result.model, vocab=result.vocab,
-        metrics={**metrics, "best_epoch": result.best_epoch, "history": result.history,
-                 "training": result.summary()},
-        manifest={"training_data": storage.uri("sequences", f"dt={date}"), "training_date": date,
-                  "parent": parent,
-                  "code_version": artifacts.code_version(),
-                  "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-                  "config": config.to_dict(), "train_run": storage.uri("runs", result.run_name)},
+        version=version,
+        model=result.model,
+        vocab=result.vocab,
+        metrics={
+            **metrics,
+            "best_epoch": result.best_epoch,
+            "history": result.history,
+            "training": result.summary(),
+        },
+        manifest={
+            "training_data": storage.uri("sequences", f"dt={date}"),
+            "training_date": date,
+            "parent": parent,
+            "code_version": artifacts.code_version(),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(),
+            "config": config.to_dict(),
+            "train_run": storage.uri("runs", result.run_name),
+        },
     )
 
 
-def train_candidate(storage: Storage, date: str, config: Config, sequences: pa.Table, *,
-                    compare_with_live: bool = False, timings: dict[str, float] | None = None) -> Candidate:
+def train_candidate(
+    storage: Storage,
+    date: str,
+    config: Config,
+    sequences: pa.Table,
+    *,
+    compare_with_live: bool = False,
+    timings: dict[str, float] | None = None,
+) -> Candidate:
     """Train a candidate on the night's ``sequences``, evaluate it and save it under ``models/``.
 
     ``compare_with_live`` also evaluates the promoted model on the same validation targets (the
@@ -75,9 +99,17 @@ def train_candidate(storage: Storage, date: str, config: Config, sequences: pa.T
     version = artifacts.new_version(date)
     with timed(timings, "train"):
         # From storage (Ray Data), not from the table evaluation reads: see seqrec.training.datasets.
-        result = train(storage, date, model_config=config.model, train_config=config.train,
-                       prepare_config=config.prepare, run_name=f"train-{version}", parent=live,
-                       text_features_fn=text_features_for(config, storage), ks=config.eval.ks)
+        result = train(
+            storage,
+            date,
+            model_config=config.model,
+            train_config=config.train,
+            prepare_config=config.prepare,
+            run_name=f"train-{version}",
+            parent=live,
+            text_features_fn=text_features_for(config, storage),
+            ks=config.eval.ks,
+        )
     parent_version = live_version if live is not None else None
     artifact = candidate_artifact(storage, date, config, result, version, parent_version, {})
     location = artifacts.save(storage, artifact)
@@ -87,7 +119,18 @@ def train_candidate(storage: Storage, date: str, config: Config, sequences: pa.T
             judged.append(Judged("live", live_version, splits=("val",)))
         evaluation = evaluate_models(storage, date, judged, config.eval, config.score)
     metrics, live_metrics = evaluation["candidate"], evaluation.get("live")
-    artifacts.write_metrics(storage, version, {**artifact.metrics, **metrics,
-                                               "live_val": live_metrics["val"] if live_metrics else None})
-    return Candidate(version=version, result=result, metrics=metrics, live_version=live_version, live=live,
-                     live_metrics=live_metrics, parent=parent_version, location=location)
+    artifacts.write_metrics(
+        storage,
+        version,
+        {**artifact.metrics, **metrics, "live_val": live_metrics["val"] if live_metrics else None},
+    )
+    return Candidate(
+        version=version,
+        result=result,
+        metrics=metrics,
+        live_version=live_version,
+        live=live,
+        live_metrics=live_metrics,
+        parent=parent_version,
+        location=location,
+    )

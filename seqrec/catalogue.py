@@ -26,8 +26,9 @@ def read_catalogue(storage: Storage) -> pa.Table | None:
     files = catalogue_files(storage)
     if not files:
         return None
-    return pa.concat_tables([pq.read_table(f, filesystem=storage.filesystem) for f in files],
-                            promote_options="permissive")
+    return pa.concat_tables(
+        [pq.read_table(f, filesystem=storage.filesystem) for f in files], promote_options="permissive"
+    )
 
 
 def unavailable_items(storage: Storage, vocab: Vocabulary) -> np.ndarray:

@@ -21,18 +21,18 @@ from seqrec.errors import ConfigError
 
 @dataclass
 class PrepareConfig:
-    max_len: int = 200                     # sequences keep the newest ``max_len`` events
+    max_len: int = 200  # sequences keep the newest ``max_len`` events
     event_types: list[str] = field(default_factory=lambda: ["view", "click", "cart", "purchase"])
     default_event_type: str = "interaction"  # used when the events have no event_type column
-    min_ts: str = "2000-01-01"             # earlier timestamps are absurd: quarantined
-    max_future_days: int = 1               # timestamps beyond the day after ``date`` are quarantined
-    lookback_days: int = 0                 # 0: all history under events/; else the last N days
-    incremental: bool = True               # extend yesterday's sequences with today's events
+    min_ts: str = "2000-01-01"  # earlier timestamps are absurd: quarantined
+    max_future_days: int = 1  # timestamps beyond the day after ``date`` are quarantined
+    lookback_days: int = 0  # 0: all history under events/; else the last N days
+    incremental: bool = True  # extend yesterday's sequences with today's events
     # Users are hashed into this many buckets; one Ray task merges a bucket with that bucket of
     # yesterday's sequences, so a task holds ~1/buckets of all history. Changing it re-buckets once.
     buckets: int = 64
-    rows_per_task: int = 1_000_000         # event rows one validation task reads (whole row groups)
-    cpus_per_task: float = 0.5             # fractional: whole-CPU tasks would starve actors on 2 cores
+    rows_per_task: int = 1_000_000  # event rows one validation task reads (whole row groups)
+    cpus_per_task: float = 0.5  # fractional: whole-CPU tasks would starve actors on 2 cores
     # An unreadable (truncated, corrupt) events file: fail naming it, or move it to
     # quarantine/dt=D/_files/ with its reason and go on (counted as files_quarantined).
     bad_files: Literal["fail", "quarantine"] = "fail"
@@ -40,14 +40,14 @@ class PrepareConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "causal"                   # causal (SASRec/GPT-2 style) | bidirectional (BERT4Rec style)
+    kind: str = "causal"  # causal (SASRec/GPT-2 style) | bidirectional (BERT4Rec style)
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 1
     max_len: int = 200
     dropout: float = 0.2
     use_event_types: bool = True
-    text_encoder: str | None = None        # HF encoder path, "minilm" for the packaged all-MiniLM-L6-v2
+    text_encoder: str | None = None  # HF encoder path, "minilm" for the packaged all-MiniLM-L6-v2
     # Multiply item embeddings by sqrt(hidden_size) before positions are added, as SASRec and the
     # Transformer do: with N(0, 0.02) init, the item signal then dominates the position signal.
     # Measured on ML-1M (benchmarks/training.py, 2 workers): val NDCG@10 0.120 after 7 epochs, 0.108 without.
@@ -63,16 +63,18 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     epochs: int = 20
-    batch_size: int = 128                  # global batch, split across workers
+    batch_size: int = 128  # global batch, split across workers
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: after warmup, decay to 0 over train.epochs
-    loss: str = "ce"                       # ce | sampled (log-q corrected) | gbce
-    num_negatives: int = 256               # for sampled / gbce
+    lr_schedule: Literal["constant", "cosine"] = (
+        "constant"  # cosine: after warmup, decay to 0 over train.epochs
+    )
+    loss: str = "ce"  # ce | sampled (log-q corrected) | gbce
+    num_negatives: int = 256  # for sampled / gbce
     negatives: Literal["popularity", "uniform"] = "popularity"  # for sampled; popularity is log-q corrected
     gbce_t: float = 0.75
-    mask_prob: float = 0.2                 # bidirectional model: share of positions masked
+    mask_prob: float = 0.2  # bidirectional model: share of positions masked
     # Text-aware models: share of items whose id embedding is dropped at each step (input and
     # output side alike), so that the text projection alone learns to place an item. On ML-1M 0.3
     # cost 6% NDCG@10 overall for new items' Recall@10 0.054 (cold_items=learned: 0.036 at no cost).
@@ -86,21 +88,21 @@ class TrainConfig:
     # next-item pair once); newest: only its newest max_len items, as SASRec's reference code does.
     # Matters only where prepare.max_len keeps more than model.max_len.
     windows: Literal["all", "newest"] = "all"
-    patience: int = 3                      # early stopping on validation NDCG@10
-    eval_every: int = 1                    # validate every N epochs (patience counts validations)
-    mixed_precision: str = "auto"          # auto: bf16 on CUDA and on CPUs with native bf16; else no
+    patience: int = 3  # early stopping on validation NDCG@10
+    eval_every: int = 1  # validate every N epochs (patience counts validations)
+    mixed_precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16; else no
     max_failures: int = 1
     seed: int = 42
-    warm_start: bool = True                # fine-tune from the promoted model when there is one
+    warm_start: bool = True  # fine-tune from the promoted model when there is one
     # A warm-start night trains on the users with events since the promoted model's training data
     # ("changed") plus a replay_share of the others, so its cost follows the night's new data;
     # "all": every user, as a cold night does.
     warm_start_users: Literal["changed", "all"] = "changed"
-    replay_share: float = 0.1              # warm-start nights: share of users without new events replayed
-    max_steps: int = 0                     # stop after this many optimizer steps (0: no limit)
-    max_minutes: float = 0.0               # stop training after this many minutes (0: no limit)
-    log_every_s: float = 30.0              # rank 0 logs training progress this often
-    torch_threads: int = 0                 # 0: leave torch's default
+    replay_share: float = 0.1  # warm-start nights: share of users without new events replayed
+    max_steps: int = 0  # stop after this many optimizer steps (0: no limit)
+    max_minutes: float = 0.0  # stop training after this many minutes (0: no limit)
+    log_every_s: float = 30.0  # rank 0 logs training progress this often
+    torch_threads: int = 0  # 0: leave torch's default
 
 
 @dataclass
@@ -110,7 +112,7 @@ class EvalConfig:
     # Users in the gate's sample, a stable hash of user_id (0: all). Sampling keeps evaluation's cost
     # flat in users; each metric's standard error is reported beside it.
     max_users: int = 100_000
-    promote_tolerance: float = 0.0         # promote unless val NDCG@10 is worse by more than this
+    promote_tolerance: float = 0.0  # promote unless val NDCG@10 is worse by more than this
 
 
 @dataclass
@@ -118,15 +120,15 @@ class ScoreConfig:
     k: int = 10
     batch_size: int = 1024
     num_actors: int = 1
-    cpus_per_actor: float = 0.5            # fractional: whole-CPU actors starve read tasks on 2 cores
+    cpus_per_actor: float = 0.5  # fractional: whole-CPU actors starve read tasks on 2 cores
     gpus_per_actor: float = 0.0
     torch_threads: int = 1
-    item_chunk: int = 16384                # top-k over the catalogue in chunks of this many items
-    num_blocks: int = 0                    # 0: one block per actor x 4
+    item_chunk: int = 16384  # top-k over the catalogue in chunks of this many items
+    num_blocks: int = 0  # 0: one block per actor x 4
     # Object-store memory the scoring pipeline may hold (GiB; 0: Ray Data's default share). Without
     # a cap the reader runs ahead of the actors and queued blocks grow with the number of users.
     object_store_gib: float = 0.5
-    rows_per_file: int = 250_000          # users per published Parquet file (a hint to Ray Data's writer)
+    rows_per_file: int = 250_000  # users per published Parquet file (a hint to Ray Data's writer)
 
 
 @dataclass
@@ -134,8 +136,8 @@ class PublishConfig:
     # delta: a Delta Lake table, one atomic commit per night, history for --as-of and rollback.
     # parquet: plain Hive-style Parquet + _SUCCESS, for readers without Delta (not atomic for them).
     format: Literal["delta", "parquet"] = "delta"
-    lease_ttl_s: float = 600.0             # a night's lease not renewed for this long is taken over
-    history_days: float = 30.0             # snapshots older than this may be vacuumed (no --as-of, rollback)
+    lease_ttl_s: float = 600.0  # a night's lease not renewed for this long is taken over
+    history_days: float = 30.0  # snapshots older than this may be vacuumed (no --as-of, rollback)
 
 
 @dataclass
@@ -157,8 +159,12 @@ class Config:
 def config_changes(config: Config) -> dict[str, Any]:
     """``section.key -> value`` of every field that differs from its default."""
     defaults = Config().to_dict()
-    return {f"{section}.{key}": value for section, values in config.to_dict().items()
-            for key, value in values.items() if defaults[section][key] != value}
+    return {
+        f"{section}.{key}": value
+        for section, values in config.to_dict().items()
+        for key, value in values.items()
+        if defaults[section][key] != value
+    }
 
 
 def _check_choice(value: Any, typ: Any, where: str) -> None:
@@ -183,11 +189,13 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     origin = getattr(typ, "__origin__", None)
     if typ is float and isinstance(value, str):
         try:
-            value = float(value)       # YAML 1.1 reads "1e-3" as text
+            value = float(value)  # YAML 1.1 reads "1e-3" as text
         except ValueError:
             pass
     if typ in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"config {where}: expected {typ.__name__}, got {value!r}")  # bool is an int in Python
+        raise ConfigError(
+            f"config {where}: expected {typ.__name__}, got {value!r}"
+        )  # bool is an int in Python
     if typ is float and isinstance(value, int):
         return float(value)
     if typ in (int, float, str, bool) and not isinstance(value, typ):
@@ -289,7 +297,7 @@ class DataShape:
 
 # model.max_len candidates: SASRec's 50 (Amazon) to 200 (ML-1M); shorter saves little on sparse data.
 CONTEXT_LENGTHS = (50, 100, 200)
-LARGE_CATALOGUE = 20_000                   # items; above it the full softmax dominates each step
+LARGE_CATALOGUE = 20_000  # items; above it the full softmax dominates each step
 
 
 def context_length(shape: DataShape) -> int:
@@ -310,7 +318,7 @@ def suggest(shape: DataShape) -> dict[str, Any]:
     """
     out: dict[str, Any] = {"model.max_len": context_length(shape)}
     if shape.event_types <= 1:
-        out["model.use_event_types"] = False      # one type carries no signal
+        out["model.use_event_types"] = False  # one type carries no signal
     if shape.items > LARGE_CATALOGUE:
         out.update({"train.loss": "sampled", "train.negatives": "uniform", "train.num_negatives": 4096})
     if shape.length_p50 < 20 and shape.interactions_per_item < 30:
@@ -325,6 +333,10 @@ def suggested(config: Config, shape: DataShape, explicit: set[str]) -> dict[str,
     out = {}
     for key, value in suggest(shape).items():
         section, _, name = key.partition(".")
-        if key not in explicit and section not in explicit and getattr(getattr(config, section), name) != value:
+        if (
+            key not in explicit
+            and section not in explicit
+            and getattr(getattr(config, section), name) != value
+        ):
             out[key] = value
     return out

@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,18 +31,27 @@ from seqrec.config import EvalConfig, ScoreConfig
 from seqrec.data import Vocabulary, encode, longest, sample_fraction, sampled
 from seqrec.model import SeqRecModel, query_inputs
 from seqrec.ranking import rank_unseen, ranking_metrics, user_metrics
-from seqrec.score import (RankingModel, on_actor_pool, sequence_columns, sequence_dataset, sequence_files,
-                          sequence_rows)
+from seqrec.score import (
+    RankingModel,
+    on_actor_pool,
+    sequence_columns,
+    sequence_dataset,
+    sequence_files,
+    sequence_rows,
+)
 from seqrec.storage import Storage
 
 log = logging.getLogger("seqrec.evaluate")
 
-PROTOCOL = ("leave-one-out: last item = test, second-to-last = validation; full-catalogue ranking with the "
-            "user's history excluded; metrics averaged over users with at least one item before the target")
+PROTOCOL = (
+    "leave-one-out: last item = test, second-to-last = validation; full-catalogue ranking with the "
+    "user's history excluded; metrics averaged over users with at least one item before the target"
+)
 
 
-def evaluation_rows(batch: pa.Table, vocab: Vocabulary, width: int, holdout: int,
-                    seen_width: int) -> dict[str, np.ndarray]:
+def evaluation_rows(
+    batch: pa.Table, vocab: Vocabulary, width: int, holdout: int, seen_width: int
+) -> dict[str, np.ndarray]:
     """Leave-one-out rows of users with at least one item before the target.
 
     items/event_types: the newest ``width`` items before the target, then the target (last column);
@@ -50,13 +60,22 @@ def evaluation_rows(batch: pa.Table, vocab: Vocabulary, width: int, holdout: int
     """
     full = encode(batch, vocab, max(seen_width, width) + 1, drop_last=holdout)
     keep = full.lengths >= 2
-    return {"items": full.items[keep, -(width + 1):], "event_types": full.event_types[keep, -(width + 1):],
-            "seen": full.items[keep, :-1].astype(np.int32)}
+    return {
+        "items": full.items[keep, -(width + 1) :],
+        "event_types": full.event_types[keep, -(width + 1) :],
+        "seen": full.items[keep, :-1].astype(np.int32),
+    }
 
 
-def evaluate_batches(model: SeqRecModel, batches, ks: list[int], device: torch.device,
-                     bf16: bool = False, never_recommend: torch.Tensor | None = None,
-                     top_k: list[torch.Tensor] | None = None) -> dict[str, float]:
+def evaluate_batches(
+    model: SeqRecModel,
+    batches,
+    ks: list[int],
+    device: torch.device,
+    bf16: bool = False,
+    never_recommend: torch.Tensor | None = None,
+    top_k: list[torch.Tensor] | None = None,
+) -> dict[str, float]:
     """Sums of leave-one-out metrics over batches of {items, event_types, seen} (last column = target).
 
     ``seen`` is the whole history, excluded from the ranking (:func:`evaluation_rows`).
@@ -77,9 +96,10 @@ def evaluate_batches(model: SeqRecModel, batches, ks: list[int], device: torch.d
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 queries = model.user_vectors(inputs, input_types)
             queries = queries.float()
-            ranked = rank_unseen(queries, table, batch["seen"].to(device), k=max(ks),
-                                 excluded=never_recommend, targets=targets)
-            if top_k is not None:                  # the ranked lists, for comparison with scoring
+            ranked = rank_unseen(
+                queries, table, batch["seen"].to(device), k=max(ks), excluded=never_recommend, targets=targets
+            )
+            if top_k is not None:  # the ranked lists, for comparison with scoring
                 top_k.append(ranked.indices.cpu())
             for key, value in ranking_metrics(ranked.target_rank, ks).items():
                 totals[key] = totals.get(key, 0.0) + value
@@ -93,8 +113,9 @@ def means(totals: dict[str, float], prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": v / users for k, v in totals.items() if k != "users"}
 
 
-def split_batches(sequences: pa.Table, vocab: Vocabulary, width: int, holdout: int, batch_size: int,
-                  max_users: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def split_batches(
+    sequences: pa.Table, vocab: Vocabulary, width: int, holdout: int, batch_size: int, max_users: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of {items, event_types, seen}: ``width`` history columns + the target in the last
     column, and the user's whole history before the target (:func:`evaluation_rows`).
 
@@ -110,23 +131,38 @@ def split_batches(sequences: pa.Table, vocab: Vocabulary, width: int, holdout: i
             yield {key: torch.from_numpy(value).long() for key, value in out.items()}
 
 
-def popularity_metrics(batches: Iterator[dict[str, torch.Tensor]], vocab: Vocabulary, ks: list[int],
-                       never_recommend: torch.Tensor | None = None) -> dict[str, float]:
-    scores = torch.from_numpy(vocab.popularity())[:, None]      # (N+1, 1): a 1-d "embedding"
+def popularity_metrics(
+    batches: Iterator[dict[str, torch.Tensor]],
+    vocab: Vocabulary,
+    ks: list[int],
+    never_recommend: torch.Tensor | None = None,
+) -> dict[str, float]:
+    scores = torch.from_numpy(vocab.popularity())[:, None]  # (N+1, 1): a 1-d "embedding"
     totals: dict[str, float] = {"users": 0.0}
     for batch in batches:
         items = batch["items"]
-        ranked = rank_unseen(torch.ones(len(items), 1), scores, batch["seen"], k=max(ks),
-                             excluded=never_recommend, targets=items[:, -1])
+        ranked = rank_unseen(
+            torch.ones(len(items), 1),
+            scores,
+            batch["seen"],
+            k=max(ks),
+            excluded=never_recommend,
+            targets=items[:, -1],
+        )
         for key, value in ranking_metrics(ranked.target_rank, ks).items():
             totals[key] = totals.get(key, 0.0) + value
         totals["users"] += len(items)
     return totals
 
 
-def evaluate(model: SeqRecModel, vocab: Vocabulary, sequences: pa.Table, config: EvalConfig,
-             splits: tuple[str, ...] = ("val", "test"),
-             never_recommend: np.ndarray | None = None) -> dict[str, Any]:
+def evaluate(
+    model: SeqRecModel,
+    vocab: Vocabulary,
+    sequences: pa.Table,
+    config: EvalConfig,
+    splits: tuple[str, ...] = ("val", "test"),
+    never_recommend: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Metrics of ``model`` and of popularity on the validation and test targets, in this process.
 
     ``never_recommend``: (N+1,) bool, items never ranked (:func:`seqrec.score.unavailable_items`).
@@ -138,11 +174,15 @@ def evaluate(model: SeqRecModel, vocab: Vocabulary, sequences: pa.Table, config:
     for split in splits:
         holdout = 1 if split == "val" else 0
         batches = lambda: split_batches(sequences, vocab, width, holdout, config.batch_size, config.max_users)  # noqa: E731
-        model_totals = evaluate_batches(model, batches(), config.ks, torch.device("cpu"),
-                                        never_recommend=mask)
+        model_totals = evaluate_batches(
+            model, batches(), config.ks, torch.device("cpu"), never_recommend=mask
+        )
         pop_totals = popularity_metrics(batches(), vocab, config.ks, never_recommend=mask)
-        out[split] = {"model": means(model_totals, ""), "popularity": means(pop_totals, ""),
-                      "users": int(model_totals["users"])}
+        out[split] = {
+            "model": means(model_totals, ""),
+            "popularity": means(pop_totals, ""),
+            "users": int(model_totals["users"]),
+        }
     return out
 
 
@@ -153,6 +193,7 @@ def metric_names(ks: list[int]) -> list[str]:
 @dataclass(frozen=True)
 class Judged:
     """A model to evaluate tonight: ``name`` in the report (candidate, live), its version, its splits."""
+
     name: str
     version: str
     splits: tuple[str, ...] = ("val", "test")
@@ -166,14 +207,22 @@ class Evaluator:
     vocabulary and the unavailable items of that vocabulary, as scoring does.
     """
 
-    def __init__(self, root: str, judged: list[Judged], ks: list[int], torch_threads: int = 1,
-                 item_chunk: int = 16384, device: str = "cpu"):
+    def __init__(
+        self,
+        root: str,
+        judged: list[Judged],
+        ks: list[int],
+        torch_threads: int = 1,
+        item_chunk: int = 16384,
+        device: str = "cpu",
+    ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         storage = Storage(root)
         # float32 on every device: near-ties must not be decided by bf16 rounding.
-        self.models = [(j, RankingModel(storage, j.version, device=device, low_precision=False))
-                       for j in judged]
+        self.models = [
+            (j, RankingModel(storage, j.version, device=device, low_precision=False)) for j in judged
+        ]
         self.ks, self.item_chunk = ks, item_chunk
 
     def _sums(self, ranks: torch.Tensor) -> dict[str, float]:
@@ -190,11 +239,25 @@ class Evaluator:
         seen = torch.from_numpy(rows["seen"]).long().to(ranker.device)
         targets, k = items[:, -1], max(self.ks)
         queries = ranker.user_vectors(items[:, :-1], types[:, :-1]).float()
-        model = rank_unseen(queries, ranker.items.float(), seen, k, excluded=ranker.never_recommend,
-                            targets=targets, chunk_size=self.item_chunk)
+        model = rank_unseen(
+            queries,
+            ranker.items.float(),
+            seen,
+            k,
+            excluded=ranker.never_recommend,
+            targets=targets,
+            chunk_size=self.item_chunk,
+        )
         ones = torch.ones(len(items), 1, device=ranker.device)
-        popularity = rank_unseen(ones, ranker.popularity[:, None], seen, k, excluded=ranker.never_recommend,
-                                 targets=targets, chunk_size=self.item_chunk)
+        popularity = rank_unseen(
+            ones,
+            ranker.popularity[:, None],
+            seen,
+            k,
+            excluded=ranker.never_recommend,
+            targets=targets,
+            chunk_size=self.item_chunk,
+        )
         return model.target_rank, popularity.target_rank
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -202,14 +265,27 @@ class Evaluator:
         for judged, ranker in self.models:
             for split in judged.splits:
                 holdout = 1 if split == "val" else 0
-                rows = evaluation_rows(batch, ranker.vocab, ranker.config.max_len, holdout,
-                                       seen_width=max(longest(batch) - holdout, 1))
+                rows = evaluation_rows(
+                    batch,
+                    ranker.vocab,
+                    ranker.config.max_len,
+                    holdout,
+                    seen_width=max(longest(batch) - holdout, 1),
+                )
                 users = len(rows["items"])
                 ranks = self._rank(ranker, rows) if users else (torch.zeros(0), torch.zeros(0))
                 for scorer, rank in zip(("model", "popularity"), ranks):
-                    out.append({"model": judged.name, "scorer": scorer, "split": split, "users": users,
-                                "sequences": batch.num_rows, "catalogue_size": ranker.vocab.num_items,
-                                **self._sums(rank)})
+                    out.append(
+                        {
+                            "model": judged.name,
+                            "scorer": scorer,
+                            "split": split,
+                            "users": users,
+                            "sequences": batch.num_rows,
+                            "catalogue_size": ranker.vocab.num_items,
+                            **self._sums(rank),
+                        }
+                    )
         return pa.Table.from_pylist(out)
 
 
@@ -224,8 +300,9 @@ def summarise(sums: dict[str, float], names: list[str]) -> tuple[dict[str, float
     return mean, stderr
 
 
-def evaluate_models(storage: Storage, date: str, judged: list[Judged], config: EvalConfig,
-                    pool: ScoreConfig) -> dict[str, dict[str, Any]]:
+def evaluate_models(
+    storage: Storage, date: str, judged: list[Judged], config: EvalConfig, pool: ScoreConfig
+) -> dict[str, dict[str, Any]]:
     """Metrics of each judged model (and of popularity) on ``sequences/dt=date``, on the actor pool.
 
     The models must be saved under ``models/`` (each actor loads them from there). One pass over
@@ -237,38 +314,63 @@ def evaluate_models(storage: Storage, date: str, judged: list[Judged], config: E
     files = sequence_files(storage, date)
     rows = sequence_rows(storage, files)
     fraction = sample_fraction(config.max_users, rows)
-    embeds_types = any(storage.read_json("models", j.version, "config.json").get("num_event_types")
-                       for j in judged)
+    embeds_types = any(
+        storage.read_json("models", j.version, "config.json").get("num_event_types") for j in judged
+    )
     columns = sequence_columns(bool(embeds_types))
     dataset = sequence_dataset(storage, files, rows, columns, pool, fraction)
-    sums = on_actor_pool(dataset, Evaluator, dict(root=storage.root, judged=judged, ks=config.ks),
-                         config.batch_size, pool)
+    sums = on_actor_pool(
+        dataset, Evaluator, dict(root=storage.root, judged=judged, ks=config.ks), config.batch_size, pool
+    )
     names = metric_names(config.ks)
     parts = [t for t in sums.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
     if not parts:
         raise ValueError(f"no users to evaluate in {storage.uri('sequences', f'dt={date}')}")
     table = pa.concat_tables(parts)
-    totals = table.group_by(["model", "scorer", "split"]).aggregate(
-        [(c, "sum") for c in ["users", "sequences", *names, *[f"{n}^2" for n in names]]]
-        + [("catalogue_size", "max")]).to_pylist()
+    totals = (
+        table.group_by(["model", "scorer", "split"])
+        .aggregate(
+            [(c, "sum") for c in ["users", "sequences", *names, *[f"{n}^2" for n in names]]]
+            + [("catalogue_size", "max")]
+        )
+        .to_pylist()
+    )
     out: dict[str, dict[str, Any]] = {}
     for j in judged:
-        mine = {(r["scorer"], r["split"]): {k.removesuffix("_sum"): v for k, v in r.items()} for r in totals
-                if r["model"] == j.name}
+        mine = {
+            (r["scorer"], r["split"]): {k.removesuffix("_sum"): v for k, v in r.items()}
+            for r in totals
+            if r["model"] == j.name
+        }
         first = next(iter(mine.values()))
         result: dict[str, Any] = {
-            "protocol": PROTOCOL, "ks": config.ks, "catalogue_size": first["catalogue_size_max"],
-            "sample": {"max_users": config.max_users, "fraction": fraction, "users": int(first["sequences"]),
-                       "of": rows}}
+            "protocol": PROTOCOL,
+            "ks": config.ks,
+            "catalogue_size": first["catalogue_size_max"],
+            "sample": {
+                "max_users": config.max_users,
+                "fraction": fraction,
+                "users": int(first["sequences"]),
+                "of": rows,
+            },
+        }
         for split in j.splits:
             model_mean, model_se = summarise(mine["model", split], names)
             pop_mean, pop_se = summarise(mine["popularity", split], names)
-            result[split] = {"model": model_mean, "popularity": pop_mean,
-                             "users": int(mine["model", split]["users"]),
-                             "stderr": {"model": model_se, "popularity": pop_se}}
+            result[split] = {
+                "model": model_mean,
+                "popularity": pop_mean,
+                "users": int(mine["model", split]["users"]),
+                "stderr": {"model": model_se, "popularity": pop_se},
+            }
         out[j.name] = result
-    log.info("evaluated %s on %d of %d users in %.1f s", ", ".join(j.name for j in judged),
-             out[judged[0].name]["sample"]["users"], rows, time.perf_counter() - started)
+    log.info(
+        "evaluated %s on %d of %d users in %.1f s",
+        ", ".join(j.name for j in judged),
+        out[judged[0].name]["sample"]["users"],
+        rows,
+        time.perf_counter() - started,
+    )
     return out
 
 
@@ -278,8 +380,10 @@ def summary_table(metrics: dict[str, Any], split: str = "test") -> str:
     result = metrics[split]
     sample = metrics.get("sample")
     of = f" sampled of {sample['of']}" if sample and sample["fraction"] < 1 else ""
-    lines = [f"{split} ({result['users']} users{of}, {metrics['catalogue_size']} items)",
-             f"{'model':<12}" + "".join(f"{n:>10}" for n in names)]
+    lines = [
+        f"{split} ({result['users']} users{of}, {metrics['catalogue_size']} items)",
+        f"{'model':<12}" + "".join(f"{n:>10}" for n in names),
+    ]
     for who in ("model", "popularity"):
         lines.append(f"{who:<12}" + "".join(f"{result[who][n]:>10.4f}" for n in names))
         if "stderr" in result:

@@ -37,10 +37,11 @@ from __future__ import annotations
 import gzip
 import logging
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import date as Date, datetime, time, timezone
+from datetime import UTC, datetime, time
+from datetime import date as Date
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -65,9 +66,25 @@ _SECONDS_PER_DAY = 86_400
 
 # The 19 genre flags at the end of each ML-100K u.item line, in file order (as listed in u.genre).
 ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-    "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 
 
@@ -76,25 +93,26 @@ class ImportReport:
     """What one import read and wrote. For ``sasrec`` (one event per line) and ``movielens``,
     ``lines_read == events_written + lines_quarantined``; an ``s3rec`` line holds many events."""
 
-    lines_read: int                      # lines of the event file, malformed ones included
+    lines_read: int  # lines of the event file, malformed ones included
     events_written: int
-    lines_quarantined: int               # malformed lines of the event file
+    lines_quarantined: int  # malformed lines of the event file
     users: int
-    items: int                           # distinct items in the events
+    items: int  # distinct items in the events
     partitions: list[str] = field(default_factory=list)  # the dt=YYYY-MM-DD values written
-    items_with_text: int = 0             # rows of items/items.parquet that have a text
+    items_with_text: int = 0  # rows of items/items.parquet that have a text
     catalogue_lines_quarantined: int = 0  # malformed lines of the titles / u.item / movies.dat file
 
 
 # -- reading lines ---------------------------------------------------------------------------------
 
+
 @dataclass
 class _Lines:
     """Lines of one input file, each split into fields; ``line_no`` is 1-based within the file."""
 
-    source: str                          # file name, so a quarantined line can be found again
-    line_no: np.ndarray                  # int64
-    raw: pa.Array                        # the line as read (without its line end)
+    source: str  # file name, so a quarantined line can be found again
+    line_no: np.ndarray  # int64
+    raw: pa.Array  # the line as read (without its line end)
     fields: pa.ListArray
 
     def __len__(self) -> int:
@@ -134,6 +152,7 @@ def _read_lines(path: Path, sep: str | None, *, encoding: str = "utf-8") -> _Lin
 
 # -- quarantine ------------------------------------------------------------------------------------
 
+
 class _Quarantine:
     """Malformed lines of every input file of one import, each kept with the reason it was rejected."""
 
@@ -147,12 +166,16 @@ class _Quarantine:
             return lines
         bad = lines.filter(mask)
         reasons = [reason] * len(bad) if isinstance(reason, str) else list(reason)
-        self._parts.append(pa.table({
-            "line_no": pa.array(bad.line_no, pa.int64()),
-            "raw": bad.raw.cast(pa.string()),
-            "reason": pa.array(reasons, pa.string()),
-            "source": pa.array([bad.source] * len(bad), pa.string()),
-        }))
+        self._parts.append(
+            pa.table(
+                {
+                    "line_no": pa.array(bad.line_no, pa.int64()),
+                    "raw": bad.raw.cast(pa.string()),
+                    "reason": pa.array(reasons, pa.string()),
+                    "source": pa.array([bad.source] * len(bad), pa.string()),
+                }
+            )
+        )
         self._counts[lines.source] += len(bad)
         return lines.filter(~mask)
 
@@ -189,8 +212,14 @@ def _non_integer(fields: pa.ListArray, positions: Sequence[int] | None) -> np.nd
     return mask
 
 
-def _check(lines: _Lines, quarantine: _Quarantine, *, min_fields: int, max_fields: int | None,
-           integer_fields: Sequence[int] | None = None) -> _Lines:
+def _check(
+    lines: _Lines,
+    quarantine: _Quarantine,
+    *,
+    min_fields: int,
+    max_fields: int | None,
+    integer_fields: Sequence[int] | None = None,
+) -> _Lines:
     """Quarantine empty lines, lines with the wrong number of fields, and lines whose
     ``integer_fields`` (``None``: all fields) are not non-negative integers; return the rest."""
     empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(lines.raw)), 0).to_numpy(zero_copy_only=False)
@@ -208,9 +237,10 @@ def _check(lines: _Lines, quarantine: _Quarantine, *, min_fields: int, max_field
 
 # -- events ----------------------------------------------------------------------------------------
 
+
 def _midnight(date: str) -> int:
     """Unix seconds of 00:00 UTC on ``date`` (YYYY-MM-DD); a malformed date is an error."""
-    return int(datetime.combine(Date.fromisoformat(date), time(), timezone.utc).timestamp())
+    return int(datetime.combine(Date.fromisoformat(date), time(), UTC).timestamp())
 
 
 def _position_within_user(users: np.ndarray) -> np.ndarray:
@@ -267,14 +297,16 @@ def _write_events(storage: Storage, events: pa.Table) -> list[str]:
 
 # -- item catalogue --------------------------------------------------------------------------------
 
+
 def _item_text(title: str, genres: Sequence[str]) -> str:
     """``"Toy Story (1995). genres: Animation, Children's, Comedy"``: the text a language model sees."""
     genres = [g for g in genres if g]
     return f"{title}. genres: {', '.join(genres)}" if genres else title
 
 
-def _catalogue(lines: _Lines, quarantine: _Quarantine, n_fields: int,
-               text_of: Callable[[list[str]], str]) -> pa.Table:
+def _catalogue(
+    lines: _Lines, quarantine: _Quarantine, n_fields: int, text_of: Callable[[list[str]], str]
+) -> pa.Table:
     """``item_id, text`` from catalogue lines whose first field is the item id. Malformed lines and
     repeated ids (all but the first) are quarantined, so the catalogue has one row per item."""
     lines = _check(lines, quarantine, min_fields=n_fields, max_fields=n_fields, integer_fields=[0])
@@ -283,8 +315,9 @@ def _catalogue(lines: _Lines, quarantine: _Quarantine, n_fields: int,
     repeated[np.unique(ids, return_index=True)[1]] = False
     lines = quarantine.reject(lines, repeated, "repeated item id")
     texts = [text_of(row) for row in lines.fields.to_pylist()]
-    return pa.table({"item_id": pa.array(lines.integers(0), pa.int64()),
-                     "text": pa.array(texts, pa.string())})
+    return pa.table(
+        {"item_id": pa.array(lines.integers(0), pa.int64()), "text": pa.array(texts, pa.string())}
+    )
 
 
 def _read_titles(path: str | Path, quarantine: _Quarantine) -> pa.Table:
@@ -329,11 +362,13 @@ def _items_table(event_items: np.ndarray, catalogue: pa.Table) -> pa.Table:
     found = at < len(known)
     found[found] = known[at[found]] == ids[found]
     text = catalogue["text"].take(pa.array(np.where(found, at, 0), pa.int64(), mask=~found))
-    return pa.table({
-        "item_id": pa.array(ids, pa.int64()),
-        "text": text.combine_chunks().cast(pa.string()),
-        "available": pa.array(np.ones(len(ids), dtype=bool)),
-    })
+    return pa.table(
+        {
+            "item_id": pa.array(ids, pa.int64()),
+            "text": text.combine_chunks().cast(pa.string()),
+            "available": pa.array(np.ones(len(ids), dtype=bool)),
+        }
+    )
 
 
 def _write_items(storage: Storage, event_items: np.ndarray, catalogue: pa.Table | None) -> int:
@@ -349,9 +384,19 @@ def _write_items(storage: Storage, event_items: np.ndarray, catalogue: pa.Table 
 
 # -- one import, written ---------------------------------------------------------------------------
 
-def _write_import(fmt: str, source: str, storage: Storage, date: str, *, events: pa.Table,
-                  lines_read: int, quarantine: _Quarantine, catalogue: pa.Table | None,
-                  catalogue_source: str | None) -> ImportReport:
+
+def _write_import(
+    fmt: str,
+    source: str,
+    storage: Storage,
+    date: str,
+    *,
+    events: pa.Table,
+    lines_read: int,
+    quarantine: _Quarantine,
+    catalogue: pa.Table | None,
+    catalogue_source: str | None,
+) -> ImportReport:
     """Write events, items and quarantine below ``storage``, then report and log what was done."""
     partitions = _write_events(storage, events)
     event_items = np.unique(events["item_id"].to_numpy())
@@ -367,18 +412,29 @@ def _write_import(fmt: str, source: str, storage: Storage, date: str, *, events:
         items_with_text=items_with_text,
         catalogue_lines_quarantined=quarantine.count(catalogue_source) if catalogue_source else 0,
     )
-    log.info("imported %s %s into %s: %d lines read, %d events written, %d lines quarantined, "
-             "%d users, %d items, %d partitions, %d items with text",
-             fmt, source, storage.uri(), report.lines_read, report.events_written,
-             report.lines_quarantined, report.users, report.items, len(report.partitions),
-             report.items_with_text)
+    log.info(
+        "imported %s %s into %s: %d lines read, %d events written, %d lines quarantined, "
+        "%d users, %d items, %d partitions, %d items with text",
+        fmt,
+        source,
+        storage.uri(),
+        report.lines_read,
+        report.events_written,
+        report.lines_quarantined,
+        report.users,
+        report.items,
+        len(report.partitions),
+        report.items_with_text,
+    )
     return report
 
 
 # -- formats ---------------------------------------------------------------------------------------
 
-def import_sasrec(path: str | Path, storage: Storage, *, titles: str | Path | None = None,
-                  date: str = DEFAULT_DATE) -> ImportReport:
+
+def import_sasrec(
+    path: str | Path, storage: Storage, *, titles: str | Path | None = None, date: str = DEFAULT_DATE
+) -> ImportReport:
     """Import a SASRec/BERT4Rec ``user item`` file (time-ordered within each user; ``.gz`` or plain).
 
     All events go to ``events/dt=date`` with synthetic timestamps that keep the file order (see
@@ -392,13 +448,22 @@ def import_sasrec(path: str | Path, storage: Storage, *, titles: str | Path | No
     users, items = good.integers(0), good.integers(1)
     events = _events(users, items, _synthetic_ts(users, date))
     catalogue = _read_titles(titles, quarantine) if titles else None
-    return _write_import("sasrec", path.name, storage, date, events=events, lines_read=len(lines),
-                         quarantine=quarantine, catalogue=catalogue,
-                         catalogue_source=Path(titles).name if titles else None)
+    return _write_import(
+        "sasrec",
+        path.name,
+        storage,
+        date,
+        events=events,
+        lines_read=len(lines),
+        quarantine=quarantine,
+        catalogue=catalogue,
+        catalogue_source=Path(titles).name if titles else None,
+    )
 
 
-def import_s3rec(path: str | Path, storage: Storage, *, titles: str | Path | None = None,
-                 date: str = DEFAULT_DATE) -> ImportReport:
+def import_s3rec(
+    path: str | Path, storage: Storage, *, titles: str | Path | None = None, date: str = DEFAULT_DATE
+) -> ImportReport:
     """Import an S3-Rec ``user i1 i2 ... in`` file (one chronological line per user; ``.gz`` or plain).
 
     Timestamps are synthesised as for :func:`import_sasrec`; a user repeated on a later line
@@ -414,9 +479,17 @@ def import_s3rec(path: str | Path, storage: Storage, *, titles: str | Path | Non
     users = good.integers(0)[pc.list_parent_indices(item_lists).to_numpy()]
     events = _events(users, items, _synthetic_ts(users, date))
     catalogue = _read_titles(titles, quarantine) if titles else None
-    return _write_import("s3rec", path.name, storage, date, events=events, lines_read=len(lines),
-                         quarantine=quarantine, catalogue=catalogue,
-                         catalogue_source=Path(titles).name if titles else None)
+    return _write_import(
+        "s3rec",
+        path.name,
+        storage,
+        date,
+        events=events,
+        lines_read=len(lines),
+        quarantine=quarantine,
+        catalogue=catalogue,
+        catalogue_source=Path(titles).name if titles else None,
+    )
 
 
 def _movielens_files(path: Path) -> tuple[Path, str | None, Path, Callable[[Path, _Quarantine], pa.Table]]:
@@ -451,13 +524,22 @@ def import_movielens(path: str | Path, storage: Storage, *, date: str = DEFAULT_
     catalogue = read_catalogue(catalogue_file, quarantine) if catalogue_file.exists() else None
     if catalogue is None:
         log.warning("%s not found: importing %s without titles", catalogue_file, ratings_file)
-    return _write_import("movielens", ratings_file.name, storage, date, events=events,
-                         lines_read=len(lines), quarantine=quarantine, catalogue=catalogue,
-                         catalogue_source=catalogue_file.name)
+    return _write_import(
+        "movielens",
+        ratings_file.name,
+        storage,
+        date,
+        events=events,
+        lines_read=len(lines),
+        quarantine=quarantine,
+        catalogue=catalogue,
+        catalogue_source=catalogue_file.name,
+    )
 
 
-def import_dataset(fmt: str, path: str, storage: Storage, *, titles: str | None = None,
-                   date: str = DEFAULT_DATE) -> ImportReport:
+def import_dataset(
+    fmt: str, path: str, storage: Storage, *, titles: str | None = None, date: str = DEFAULT_DATE
+) -> ImportReport:
     """Import ``path`` in format ``fmt`` (one of :data:`FORMATS`) below ``storage``."""
     for name in (path, titles):
         if name and not Path(name).exists():

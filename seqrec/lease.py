@@ -30,8 +30,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 from seqrec.storage import Storage, s3_endpoint
 
@@ -62,12 +62,12 @@ class Holder:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
-    def loads(cls, data: bytes) -> "Holder":
+    def loads(cls, data: bytes) -> Holder:
         return cls(**json.loads(data))
 
 
 def _utc(seconds: float) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="seconds")
 
 
 class _Conflict(Exception):
@@ -244,7 +244,7 @@ class Lease:
             ttl_s=self.ttl_s,
         )
 
-    def acquire(self) -> "Lease":
+    def acquire(self) -> Lease:
         for _ in range(5):
             mine = self._new_holder()
             try:
@@ -345,7 +345,7 @@ class Lease:
             self._holder = None
         log.info("lease on %s released by run %s", self.date, self.run_id)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -25,24 +25,38 @@ from pathlib import Path
 
 # (pattern, why it is harmless); the patterns are matched anywhere in a line.
 KNOWN_HARMLESS: tuple[tuple[str, str], ...] = (
-    (r"Failed to query Ray Train Controller actor state",
-     "Ray Train's PlacementGroupCleaner polls the state API every few seconds; on a loaded machine a poll "
-     "times out and it retries (ray PRs 58515, 61756)"),
-    (r"has constructor arguments in the object store and max_restarts > 0",
-     "logged once per actor whose constructor arguments Ray keeps in the object store (ray issue 53727); "
-     "they stay referenced for the actor's life"),
-    (r"Progress bars disabled\. To enable",
-     "seqrec turns Ray Data's progress bars off when stderr is not a terminal (SEQREC_PROGRESS=1: on)"),
-    (r"ExecutionOptions\.exclude_resources` is deprecated|self\.exclude_resources = exclude_resources",
-     "Ray Train's own DatasetManager sets a Ray Data option that Ray deprecated; nothing seqrec sets"),
-    (r"Reporting training result \d+: TrainingReport",
-     "Ray Train INFO once per report and rank; its logger is named after a file path, so "
-     "LoggingConfig(log_level) does not hold it back; seqrec logs the training itself"),
-    (r"Token authentication is enabled for this Ray cluster",
-     "the local single-node Ray seqrec starts makes its own token; on a cluster the operator sets auth up"),
+    (
+        r"Failed to query Ray Train Controller actor state",
+        "Ray Train's PlacementGroupCleaner polls the state API every few seconds; on a loaded machine a poll "
+        "times out and it retries (ray PRs 58515, 61756)",
+    ),
+    (
+        r"has constructor arguments in the object store and max_restarts > 0",
+        "logged once per actor whose constructor arguments Ray keeps in the object store (ray issue 53727); "
+        "they stay referenced for the actor's life",
+    ),
+    (
+        r"Progress bars disabled\. To enable",
+        "seqrec turns Ray Data's progress bars off when stderr is not a terminal (SEQREC_PROGRESS=1: on)",
+    ),
+    (
+        r"ExecutionOptions\.exclude_resources` is deprecated|self\.exclude_resources = exclude_resources",
+        "Ray Train's own DatasetManager sets a Ray Data option that Ray deprecated; nothing seqrec sets",
+    ),
+    (
+        r"Reporting training result \d+: TrainingReport",
+        "Ray Train INFO once per report and rank; its logger is named after a file path, so "
+        "LoggingConfig(log_level) does not hold it back; seqrec logs the training itself",
+    ),
+    (
+        r"Token authentication is enabled for this Ray cluster",
+        "the local single-node Ray seqrec starts makes its own token; on a cluster the operator sets auth up",
+    ),
     # Ray Data's per-dataset INFO lines from its coordinator actors (the driver's go to ray-data.log).
-    (r"(Starting execution of|Execution plan of) Dataset |Dataset \S+ execution finished in",
-     "Ray Data INFO: which dataset ran; the session's ray-data.log keeps them"),
+    (
+        r"(Starting execution of|Execution plan of) Dataset |Dataset \S+ execution finished in",
+        "Ray Data INFO: which dataset ran; the session's ray-data.log keeps them",
+    ),
 )
 
 _DATA_LOGGING_YAML = Path(__file__).with_name("ray_data_logging.yaml")

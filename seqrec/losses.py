@@ -41,23 +41,30 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, table: torch.Tensor, labels: torch.Tensor, excluded: torch.Tensor,
-                compute_dtype: torch.dtype, chunk: int) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        table: torch.Tensor,
+        labels: torch.Tensor,
+        excluded: torch.Tensor,
+        compute_dtype: torch.dtype,
+        chunk: int,
+    ) -> torch.Tensor:
         rows = len(labels)
         h, w = hidden.detach().to(compute_dtype), table.detach().to(compute_dtype)
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_table = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, rows, chunk):
-            h_c, y_c = h[start:start + chunk], labels[start:start + chunk]
-            logits = torch.mm(h_c, w.T).float()                          # (c, N+1)
-            logits.index_fill_(1, excluded, float("-inf"))              # padding (+ items never in training)
+            h_c, y_c = h[start : start + chunk], labels[start : start + chunk]
+            logits = torch.mm(h_c, w.T).float()  # (c, N+1)
+            logits.index_fill_(1, excluded, float("-inf"))  # padding (+ items never in training)
             lse = torch.logsumexp(logits, dim=1)
             total += (lse - logits.gather(1, y_c[:, None]).squeeze(1)).sum()
-            grad = logits.sub_(lse[:, None]).exp_()                      # softmax, in place
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
             grad[torch.arange(len(y_c), device=grad.device), y_c] -= 1.0
             grad = grad.to(compute_dtype)
-            grad_hidden[start:start + chunk] = torch.mm(grad, w)
+            grad_hidden[start : start + chunk] = torch.mm(grad, w)
             grad_table += torch.mm(grad.T, h_c)
         ctx.save_for_backward(grad_hidden, grad_table)
         ctx.rows, ctx.dtypes = max(rows, 1), (hidden.dtype, table.dtype)
@@ -67,12 +74,23 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_table = ctx.saved_tensors
         scale = grad_output.float() / ctx.rows
-        return (grad_hidden.mul_(scale).to(ctx.dtypes[0]), grad_table.mul_(scale).to(ctx.dtypes[1]),
-                None, None, None, None)
+        return (
+            grad_hidden.mul_(scale).to(ctx.dtypes[0]),
+            grad_table.mul_(scale).to(ctx.dtypes[1]),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def full_ce(hidden: torch.Tensor, labels: torch.Tensor, items: torch.Tensor,
-            chunk: int | None = None, excluded: torch.Tensor | None = None) -> torch.Tensor:
+def full_ce(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    items: torch.Tensor,
+    chunk: int | None = None,
+    excluded: torch.Tensor | None = None,
+) -> torch.Tensor:
     """hidden: (P, H) states at labelled positions; labels: (P,) in 1..N; items: (N+1, H) incl. padding.
 
     ``excluded``: (N+1,) bool, items left out of the softmax (never a label); padding always is.
@@ -80,29 +98,36 @@ def full_ce(hidden: torch.Tensor, labels: torch.Tensor, items: torch.Tensor,
     """
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    columns = torch.zeros(1, dtype=torch.long, device=hidden.device) if excluded is None else \
-        (excluded | (torch.arange(len(excluded), device=excluded.device) == 0)).nonzero().squeeze(1)
+    columns = (
+        torch.zeros(1, dtype=torch.long, device=hidden.device)
+        if excluded is None
+        else (excluded | (torch.arange(len(excluded), device=excluded.device) == 0)).nonzero().squeeze(1)
+    )
     with torch.autocast(device, enabled=False):
-        return ChunkedCrossEntropy.apply(hidden, items, labels, columns, dtype, chunk or ce_chunk_rows(len(items)))
+        return ChunkedCrossEntropy.apply(
+            hidden, items, labels, columns, dtype, chunk or ce_chunk_rows(len(items))
+        )
 
 
-def sampled_ce(hidden: torch.Tensor, labels: torch.Tensor, items: torch.Tensor, log_q: torch.Tensor,
-               num_negatives: int) -> torch.Tensor:
+def sampled_ce(
+    hidden: torch.Tensor, labels: torch.Tensor, items: torch.Tensor, log_q: torch.Tensor, num_negatives: int
+) -> torch.Tensor:
     """log_q: (N+1,) log sampling probability of each index (padding: -inf)."""
-    negatives = torch.multinomial(log_q.exp(), num_negatives, replacement=True)        # (M,) shared
-    pos = (hidden * items[labels]).sum(-1, keepdim=True) - log_q[labels, None]        # (P, 1)
-    neg = hidden @ items[negatives].T - log_q[negatives]                              # (P, M)
-    neg = neg.masked_fill(negatives[None, :] == labels[:, None], float("-inf"))       # accidental hits
+    negatives = torch.multinomial(log_q.exp(), num_negatives, replacement=True)  # (M,) shared
+    pos = (hidden * items[labels]).sum(-1, keepdim=True) - log_q[labels, None]  # (P, 1)
+    neg = hidden @ items[negatives].T - log_q[negatives]  # (P, M)
+    neg = neg.masked_fill(negatives[None, :] == labels[:, None], float("-inf"))  # accidental hits
     logits = torch.cat([pos, neg], dim=1)
     return F.cross_entropy(logits, torch.zeros(len(labels), dtype=torch.long, device=hidden.device))
 
 
-def gbce(hidden: torch.Tensor, labels: torch.Tensor, items: torch.Tensor, num_negatives: int,
-         t: float) -> torch.Tensor:
+def gbce(
+    hidden: torch.Tensor, labels: torch.Tensor, items: torch.Tensor, num_negatives: int, t: float
+) -> torch.Tensor:
     num_items = items.shape[0] - 1
     negatives = torch.randint(1, num_items + 1, (len(labels), num_negatives), device=hidden.device)  # (P, M)
-    pos = (hidden * items[labels]).sum(-1)                                            # (P,)
-    neg = torch.einsum("ph,pmh->pm", hidden, items[negatives])                        # (P, M)
+    pos = (hidden * items[labels]).sum(-1)  # (P,)
+    neg = torch.einsum("ph,pmh->pm", hidden, items[negatives])  # (P, M)
     alpha = num_negatives / max(num_items - 1, 1)
     beta = alpha * (t * (1 - 1 / alpha) + 1 / alpha)
     pos_term = beta * F.logsigmoid(pos)
@@ -110,9 +135,17 @@ def gbce(hidden: torch.Tensor, labels: torch.Tensor, items: torch.Tensor, num_ne
     return -(pos_term + neg_term).mean()
 
 
-def item_loss(name: str, hidden: torch.Tensor, labels: torch.Tensor, items: torch.Tensor, *,
-              log_q: torch.Tensor | None = None, num_negatives: int = 256, gbce_t: float = 0.75,
-              excluded: torch.Tensor | None = None) -> torch.Tensor:
+def item_loss(
+    name: str,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    items: torch.Tensor,
+    *,
+    log_q: torch.Tensor | None = None,
+    num_negatives: int = 256,
+    gbce_t: float = 0.75,
+    excluded: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``excluded`` (full CE only): items kept out of the softmax, see :func:`full_ce`."""
     if name == "ce":
         return full_ce(hidden, labels, items, excluded=excluded)

@@ -70,13 +70,23 @@ class SeqRecConfig(PretrainedConfig):
     # the feature, so it loads with the value it was trained with, not with today's default.
     ADDED_LATER = {"scale_embeddings": False, "members": 1}
 
-    def __init__(self, num_items: int = 1, kind: str = _DEFAULTS.kind,
-                 hidden_size: int = _DEFAULTS.hidden_size, num_layers: int = _DEFAULTS.num_layers,
-                 num_heads: int = _DEFAULTS.num_heads, max_len: int = _DEFAULTS.max_len,
-                 dropout: float = _DEFAULTS.dropout, num_event_types: int = 0,
-                 text_dim: int = 0, scale_embeddings: bool = _DEFAULTS.scale_embeddings,
-                 members: int = _DEFAULTS.members, event_types: list[str] | None = None,
-                 text_encoder: str | None = _DEFAULTS.text_encoder, **kwargs):
+    def __init__(
+        self,
+        num_items: int = 1,
+        kind: str = _DEFAULTS.kind,
+        hidden_size: int = _DEFAULTS.hidden_size,
+        num_layers: int = _DEFAULTS.num_layers,
+        num_heads: int = _DEFAULTS.num_heads,
+        max_len: int = _DEFAULTS.max_len,
+        dropout: float = _DEFAULTS.dropout,
+        num_event_types: int = 0,
+        text_dim: int = 0,
+        scale_embeddings: bool = _DEFAULTS.scale_embeddings,
+        members: int = _DEFAULTS.members,
+        event_types: list[str] | None = None,
+        text_encoder: str | None = _DEFAULTS.text_encoder,
+        **kwargs,
+    ):
         if kind not in KINDS:
             raise ValueError(f"model kind {kind!r} is not one of {KINDS}")
         if members < 1:
@@ -97,21 +107,37 @@ class SeqRecConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     @classmethod
-    def from_model_config(cls, model_config: ModelConfig, *, num_items: int, num_event_types: int = 0,
-                          text_dim: int = 0, event_types: list[str] | None = None) -> "SeqRecConfig":
+    def from_model_config(
+        cls,
+        model_config: ModelConfig,
+        *,
+        num_items: int,
+        num_event_types: int = 0,
+        text_dim: int = 0,
+        event_types: list[str] | None = None,
+    ) -> SeqRecConfig:
         """The model a night trains: ``model_config``'s architecture over tonight's vocabulary.
 
         ``num_event_types`` is used only when ``model_config.use_event_types``.
         """
-        return cls(num_items=num_items, kind=model_config.kind, hidden_size=model_config.hidden_size,
-                   num_layers=model_config.num_layers, num_heads=model_config.num_heads,
-                   max_len=model_config.max_len, dropout=model_config.dropout,
-                   num_event_types=num_event_types if model_config.use_event_types else 0, text_dim=text_dim,
-                   scale_embeddings=model_config.scale_embeddings, members=model_config.members,
-                   event_types=event_types, text_encoder=model_config.text_encoder)
+        return cls(
+            num_items=num_items,
+            kind=model_config.kind,
+            hidden_size=model_config.hidden_size,
+            num_layers=model_config.num_layers,
+            num_heads=model_config.num_heads,
+            max_len=model_config.max_len,
+            dropout=model_config.dropout,
+            num_event_types=num_event_types if model_config.use_event_types else 0,
+            text_dim=text_dim,
+            scale_embeddings=model_config.scale_embeddings,
+            members=model_config.members,
+            event_types=event_types,
+            text_encoder=model_config.text_encoder,
+        )
 
     @classmethod
-    def from_dict(cls, config_dict: dict, **kwargs) -> "SeqRecConfig":
+    def from_dict(cls, config_dict: dict, **kwargs) -> SeqRecConfig:
         return super().from_dict({**cls.ADDED_LATER, **config_dict}, **kwargs)
 
     @property
@@ -126,16 +152,31 @@ class SeqRecConfig(PretrainedConfig):
     def backbone_config(self) -> PretrainedConfig:
         if self.kind == "causal":
             return GPT2Config(
-                vocab_size=1, n_positions=self.max_len, n_embd=self.hidden_size, n_layer=self.num_layers,
-                n_head=self.num_heads, resid_pdrop=self.dropout, embd_pdrop=self.dropout,
-                attn_pdrop=self.dropout, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                vocab_size=1,
+                n_positions=self.max_len,
+                n_embd=self.hidden_size,
+                n_layer=self.num_layers,
+                n_head=self.num_heads,
+                resid_pdrop=self.dropout,
+                embd_pdrop=self.dropout,
+                attn_pdrop=self.dropout,
+                bos_token_id=None,
+                eos_token_id=None,
+                pad_token_id=None,
                 activation_function="gelu",  # exact GELU: one fused kernel, ~20% faster on CPU than gelu_new
             )
         return BertConfig(
-            vocab_size=1, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads, intermediate_size=4 * self.hidden_size,
-            max_position_embeddings=self.max_len, hidden_dropout_prob=self.dropout,
-            attention_probs_dropout_prob=self.dropout, type_vocab_size=1, pad_token_id=0, hidden_act="gelu",
+            vocab_size=1,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            intermediate_size=4 * self.hidden_size,
+            max_position_embeddings=self.max_len,
+            hidden_dropout_prob=self.dropout,
+            attention_probs_dropout_prob=self.dropout,
+            type_vocab_size=1,
+            pad_token_id=0,
+            hidden_act="gelu",
         )
 
 
@@ -153,8 +194,9 @@ class SeqRecModel(PreTrainedModel):
         super().__init__(config)
         h = config.width
         self.item_embedding = nn.Embedding(config.num_items + 2, h, padding_idx=0)
-        self.event_embedding = nn.Embedding(config.num_event_types + 1, h, padding_idx=0) \
-            if config.num_event_types else None
+        self.event_embedding = (
+            nn.Embedding(config.num_event_types + 1, h, padding_idx=0) if config.num_event_types else None
+        )
         if config.text_dim:
             # Frozen language-model features of each item's text, stored with the weights so the
             # artifact alone can score. Projected into the id space and added to the id embedding.
@@ -210,19 +252,25 @@ class SeqRecModel(PreTrainedModel):
             table = table + self.text_projection(self.text_features)
         return table
 
-    def forward(self, item_ids: torch.Tensor, event_types: torch.Tensor | None = None,
-                keep_ids: torch.Tensor | None = None) -> SeqRecOutput:
+    def forward(
+        self,
+        item_ids: torch.Tensor,
+        event_types: torch.Tensor | None = None,
+        keep_ids: torch.Tensor | None = None,
+    ) -> SeqRecOutput:
         # item_ids: (B, T) left-padded with 0; the newest event (or [MASK]) is at T-1.
         x = nn.functional.embedding(item_ids, self.item_table(keep_ids))  # (B, T, H)
         if self.config.scale_embeddings:
-            x = x * self.config.hidden_size ** 0.5
+            x = x * self.config.hidden_size**0.5
         if self.event_embedding is not None and event_types is not None:
             x = x + self.event_embedding(event_types)
         attention_mask = (item_ids != 0).long()
         # Both backbones add positions and apply embedding dropout to inputs_embeds themselves.
-        parts = x.split(self.config.hidden_size, dim=-1)                  # one slice per member
-        states = [backbone(inputs_embeds=part, attention_mask=attention_mask).last_hidden_state
-                  for backbone, part in zip(self.backbones(), parts)]
+        parts = x.split(self.config.hidden_size, dim=-1)  # one slice per member
+        states = [
+            backbone(inputs_embeds=part, attention_mask=attention_mask).last_hidden_state
+            for backbone, part in zip(self.backbones(), parts)
+        ]
         return SeqRecOutput(hidden=states[0] if len(states) == 1 else torch.cat(states, dim=-1))
 
     def user_vectors(self, item_ids: torch.Tensor, event_types: torch.Tensor | None = None) -> torch.Tensor:
@@ -230,15 +278,19 @@ class SeqRecModel(PreTrainedModel):
         return self.forward(item_ids, event_types).hidden[:, -1, :]
 
 
-def build_model(num_items: int, *, num_event_types: int = 0, text_dim: int = 0,
-                **model_fields) -> SeqRecModel:
+def build_model(
+    num_items: int, *, num_event_types: int = 0, text_dim: int = 0, **model_fields
+) -> SeqRecModel:
     """A fresh model as a night builds it: ``ModelConfig``'s defaults, any of its fields overridden."""
-    config = SeqRecConfig.from_model_config(ModelConfig(**model_fields), num_items=num_items,
-                                            num_event_types=num_event_types, text_dim=text_dim)
+    config = SeqRecConfig.from_model_config(
+        ModelConfig(**model_fields), num_items=num_items, num_event_types=num_event_types, text_dim=text_dim
+    )
     return SeqRecModel(config)
 
 
-def query_inputs(items: torch.Tensor, types: torch.Tensor, kind: str, mask_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def query_inputs(
+    items: torch.Tensor, types: torch.Tensor, kind: str, mask_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Model inputs whose last position yields the user vector (a [MASK] for bidirectional)."""
     if kind == "causal":
         return items, types

@@ -69,8 +69,10 @@ def promotion_decision(candidate: Candidate, tolerance: float) -> tuple[bool, st
     theirs = f"{live_ndcg:.4f} ± {live_se:.4f}"
     if promoted:
         return promoted, f"promoted: val NDCG@10 {ours} vs live {theirs} (tolerance {tolerance})"
-    return promoted, (f"kept {candidate.live_version}: candidate val NDCG@10 {ours} is worse than live "
-                      f"{theirs} by more than the tolerance {tolerance}")
+    return promoted, (
+        f"kept {candidate.live_version}: candidate val NDCG@10 {ours} is worse than live "
+        f"{theirs} by more than the tolerance {tolerance}"
+    )
 
 
 def suggest_settings(config: Config, sequences, explicit: set[str]) -> tuple[Config, dict[str, Any]]:
@@ -79,16 +81,19 @@ def suggest_settings(config: Config, sequences, explicit: set[str]) -> tuple[Con
     shape = data_shape(sequences)
     changes = suggested(config, shape, explicit)
     if changes:
-        message = (f"settings from the data's shape ({shape.users} users, {shape.items} items, median "
-                   f"history {shape.length_p50:.0f}, p95 {shape.length_p95:.0f}; fields you set are kept): "
-                   + ", ".join(f"{k}={v}" for k, v in changes.items()))
+        message = (
+            f"settings from the data's shape ({shape.users} users, {shape.items} items, median "
+            f"history {shape.length_p50:.0f}, p95 {shape.length_p95:.0f}; fields you set are kept): "
+            + ", ".join(f"{k}={v}" for k, v in changes.items())
+        )
         log.info(message)
         print(f"seqrec nightly: {message}", file=sys.stderr)
     return apply_overrides(config, changes), changes
 
 
-def run_nightly(storage: Storage, date: str, config: Config,
-                explicit: set[str] | None = None) -> NightlyResult:
+def run_nightly(
+    storage: Storage, date: str, config: Config, explicit: set[str] | None = None
+) -> NightlyResult:
     """The night for ``date``, under its lease: a second run of the same date stops before writing
     anything. With ``explicit`` (the fields the user set), the fields outside it take the settings
     suggested by the data's shape; None keeps ``config`` as given."""
@@ -98,7 +103,7 @@ def run_nightly(storage: Storage, date: str, config: Config,
 
 def _run_night(storage: Storage, date: str, config: Config, explicit: set[str] | None) -> NightlyResult:
     timings: dict[str, float] = {}
-    started_at = dt.datetime.now(dt.timezone.utc)
+    started_at = dt.datetime.now(dt.UTC)
     with timed(timings, "prepare"):
         prepared = prepare(storage, date, config.prepare)
         sequences = read_sequences(storage, date, columns=SEQUENCE_COLUMNS)
@@ -114,16 +119,28 @@ def _run_night(storage: Storage, date: str, config: Config, explicit: set[str] |
     live = candidate.version if promoted else candidate.live_version
     live_metrics = candidate.live_metrics
     report = {
-        "date": date, "started_at": started_at.isoformat(), "candidate": candidate.version,
+        "date": date,
+        "started_at": started_at.isoformat(),
+        "candidate": candidate.version,
         "live_model": live,
-        "promoted": promoted, "decision": decision, "counts": prepared.as_dict(), "timings_s": timings,
-        "val_ndcg@10": {"candidate": candidate_ndcg,
-                        "live": live_metrics["val"]["model"]["ndcg@10"] if live_metrics else None,
-                        "popularity": candidate.metrics["val"]["popularity"]["ndcg@10"]},
-        "val_ndcg@10_stderr": {"candidate": val_ndcg(candidate.metrics)[1], "live": val_ndcg(live_metrics)[1],
-                               "popularity": val_ndcg(candidate.metrics, "popularity")[1]},
+        "promoted": promoted,
+        "decision": decision,
+        "counts": prepared.as_dict(),
+        "timings_s": timings,
+        "val_ndcg@10": {
+            "candidate": candidate_ndcg,
+            "live": live_metrics["val"]["model"]["ndcg@10"] if live_metrics else None,
+            "popularity": candidate.metrics["val"]["popularity"]["ndcg@10"],
+        },
+        "val_ndcg@10_stderr": {
+            "candidate": val_ndcg(candidate.metrics)[1],
+            "live": val_ndcg(live_metrics)[1],
+            "popularity": val_ndcg(candidate.metrics, "popularity")[1],
+        },
         "training": candidate.result.summary(),
-        "candidate_metrics": candidate.metrics, "live_metrics": live_metrics, "config": config.to_dict(),
+        "candidate_metrics": candidate.metrics,
+        "live_metrics": live_metrics,
+        "config": config.to_dict(),
         "suggested_settings": suggestions,
     }
     try:
@@ -131,17 +148,33 @@ def _run_night(storage: Storage, date: str, config: Config, explicit: set[str] |
             scored = score(storage, date, live, config.score, config.publish)
     except Exception as exc:
         failure = f"score failed: {type(exc).__name__}: {exc}"
-        report.update(status="failed", failed_stage="score", error=failure, promoted=False,
-                      live_model=candidate.live_version,
-                      decision=f"not promoted ({failure})" if promoted else decision)
+        report.update(
+            status="failed",
+            failed_stage="score",
+            error=failure,
+            promoted=False,
+            live_model=candidate.live_version,
+            decision=f"not promoted ({failure})" if promoted else decision,
+        )
         write_report(storage, report, candidate.result.history)
-        raise NightFailed(f"night {date}: {failure}; nothing was published or promoted, the live model stays "
-                          f"{candidate.live_version or '(none)'}") from exc
-    if promoted:                     # last: only a published night changes the live model
+        raise NightFailed(
+            f"night {date}: {failure}; nothing was published or promoted, the live model stays "
+            f"{candidate.live_version or '(none)'}"
+        ) from exc
+    if promoted:  # last: only a published night changes the live model
         artifacts.promote(storage, candidate.version, decision, {"val_ndcg@10": candidate_ndcg})
 
     report.update(status="ok", recommendations=asdict(scored))
     location = write_report(storage, report, candidate.result.history)
-    return NightlyResult(date=date, candidate=candidate.version, live_model=live, promoted=promoted,
-                         decision=decision, prepare=prepared, metrics=candidate.metrics,
-                         recommendations=scored, report=location, timings_s=timings)
+    return NightlyResult(
+        date=date,
+        candidate=candidate.version,
+        live_model=live,
+        promoted=promoted,
+        decision=decision,
+        prepare=prepared,
+        metrics=candidate.metrics,
+        recommendations=scored,
+        report=location,
+        timings_s=timings,
+    )

@@ -26,8 +26,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -229,7 +230,7 @@ def publish_recommendations(
         "rows": sum(rows),
         "files": len(files),
         "write_s": round(written_s, 3),
-        "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "committed_at": dt.datetime.now(dt.UTC).isoformat(),
     }
     lease = current_lease(storage, date)
     if lease is not None:
@@ -335,7 +336,7 @@ def rollback(storage: Storage, date: str, config: PublishConfig | None = None) -
         "restored_version": latest - 1,
         "undone_version": latest,
         "model_version": previous.get("model_version") if previous else None,
-        "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "committed_at": dt.datetime.now(dt.UTC).isoformat(),
     }
     file_schema = pa.schema(open_table(storage).schema().to_arrow())
     started = time.perf_counter()
@@ -371,7 +372,7 @@ def publish_partition(
         **manifest,
         "rows": rows,
         "files": [f.rsplit("/", 1)[1] for f in files],
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
     }
     storage.write_json(manifest, *partition, SUCCESS)
     log.info("published %s: %d rows in %d files", storage.uri(*partition), rows, len(files))

@@ -27,13 +27,14 @@ GROUP = 64
 
 @dataclass
 class Ranked:
-    scores: torch.Tensor               # (B, k) best first
-    indices: torch.Tensor              # (B, k) item indices (vocabulary / item-table rows)
-    target_rank: torch.Tensor | None   # (B,) 1-based rank of the target (ties first), inf if excluded
+    scores: torch.Tensor  # (B, k) best first
+    indices: torch.Tensor  # (B, k) item indices (vocabulary / item-table rows)
+    target_rank: torch.Tensor | None  # (B,) 1-based rank of the target (ties first), inf if excluded
 
 
-def _merge_top_k(block: torch.Tensor, start: int, best_scores: torch.Tensor, best_indices: torch.Tensor,
-                 adaptive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _merge_top_k(
+    block: torch.Tensor, start: int, best_scores: torch.Tensor, best_indices: torch.Tensor, adaptive: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge the top-k of ``block`` (b, C), the scores of items ``start..start+C``, into the running best.
 
     Exact two-level search: the k items of a top-k lie in the k groups with the largest maxima (each
@@ -46,20 +47,22 @@ def _merge_top_k(block: torch.Tensor, start: int, best_scores: torch.Tensor, bes
     groups = width // GROUP
     candidates, candidate_indices = [best_scores], [best_indices]
     if groups:
-        maxima = block[:, :groups * GROUP].view(rows, groups, GROUP).amax(2)         # (b, G)
+        maxima = block[:, : groups * GROUP].view(rows, groups, GROUP).amax(2)  # (b, G)
         take = min(k, groups)
         if adaptive:
             take = min(take, int((maxima > best_scores[:, -1:]).sum(1).max()))
         if take:
-            top_groups = maxima.topk(take, dim=1, sorted=False).indices             # (b, take)
-            columns = (top_groups[:, :, None] * GROUP
-                       + torch.arange(GROUP, device=block.device)).view(rows, -1)   # (b, take * GROUP)
+            top_groups = maxima.topk(take, dim=1, sorted=False).indices  # (b, take)
+            columns = (top_groups[:, :, None] * GROUP + torch.arange(GROUP, device=block.device)).view(
+                rows, -1
+            )  # (b, take * GROUP)
             candidates.append(block.gather(1, columns))
             candidate_indices.append(columns + start)
-    if width > groups * GROUP:                                                        # the ragged tail
-        candidates.append(block[:, groups * GROUP:])
-        candidate_indices.append(torch.arange(start + groups * GROUP, start + width,
-                                              device=block.device).expand(rows, -1))
+    if width > groups * GROUP:  # the ragged tail
+        candidates.append(block[:, groups * GROUP :])
+        candidate_indices.append(
+            torch.arange(start + groups * GROUP, start + width, device=block.device).expand(rows, -1)
+        )
     if len(candidates) == 1:
         return best_scores, best_indices
     merged_scores, order = torch.cat(candidates, dim=1).topk(k, dim=1)
@@ -67,9 +70,16 @@ def _merge_top_k(block: torch.Tensor, start: int, best_scores: torch.Tensor, bes
 
 
 @torch.inference_mode()
-def rank_unseen(queries: torch.Tensor, items: torch.Tensor, seen: torch.Tensor, k: int, *,
-                excluded: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                chunk_size: int = 16384) -> Ranked:
+def rank_unseen(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    seen: torch.Tensor,
+    k: int,
+    *,
+    excluded: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    chunk_size: int = 16384,
+) -> Ranked:
     """Top-``k`` items per query among those not in ``seen`` and not ``excluded``.
 
     queries:  (B, H) user vectors, or (B, 1) ones for a popularity baseline.
@@ -91,7 +101,7 @@ def rank_unseen(queries: torch.Tensor, items: torch.Tensor, seen: torch.Tensor, 
     starts = list(range(0, num_items, chunk_size))
     bounds = torch.searchsorted(never, torch.tensor([*starts, num_items], device=device)).tolist()
     if targets is not None:
-        target_score = (queries * items[targets]).sum(-1, keepdim=True)     # (B, 1)
+        target_score = (queries * items[targets]).sum(-1, keepdim=True)  # (B, 1)
         target_hidden = (seen == targets[:, None]).any(1) | (targets == 0)
         if excluded is not None:
             target_hidden |= excluded[targets]
@@ -108,13 +118,16 @@ def rank_unseen(queries: torch.Tensor, items: torch.Tensor, seen: torch.Tensor, 
         for first in range(0, batch, block_rows):
             last = min(first + block_rows, batch)
             rows = torch.arange(last - first, device=device)
-            scores = torch.mm(queries[first:last], chunk_items.T,                    # (b, C), in cache
-                              out=buffer[:(last - first) * (stop - start)].view(last - first, stop - start))
-            local = seen[first:last] - start                                      # (b, L)
+            scores = torch.mm(
+                queries[first:last],
+                chunk_items.T,  # (b, C), in cache
+                out=buffer[: (last - first) * (stop - start)].view(last - first, stop - start),
+            )
+            local = seen[first:last] - start  # (b, L)
             hit = (local >= 0) & (local < stop - start)
-            scores[rows[:, None].expand_as(local)[hit], local[hit]] = NEG_INF   # history, by scatter
-            if bounds[chunk + 1] > bounds[chunk]:                                 # padding, unavailable
-                scores.index_fill_(1, never[bounds[chunk]:bounds[chunk + 1]] - start, NEG_INF)
+            scores[rows[:, None].expand_as(local)[hit], local[hit]] = NEG_INF  # history, by scatter
+            if bounds[chunk + 1] > bounds[chunk]:  # padding, unavailable
+                scores.index_fill_(1, never[bounds[chunk] : bounds[chunk + 1]] - start, NEG_INF)
             if targets is not None:
                 # Ties count against the target, so a target ranked <= k is always in the top-k list;
                 # the target itself never counts (its score here may differ from target_score in the
@@ -123,9 +136,12 @@ def rank_unseen(queries: torch.Tensor, items: torch.Tensor, seen: torch.Tensor, 
                 higher[first:last] += (scores >= block_score).sum(1)
                 local_target = targets[first:last] - start
                 own = (local_target >= 0) & (local_target < stop - start)
-                higher[first:last][own] -= (scores[rows[own], local_target[own]] >= block_score[own, 0]).long()
+                higher[first:last][own] -= (
+                    scores[rows[own], local_target[own]] >= block_score[own, 0]
+                ).long()
             best_scores[first:last], best_indices[first:last] = _merge_top_k(
-                scores, start, best_scores[first:last], best_indices[first:last], adaptive=on_cpu)
+                scores, start, best_scores[first:last], best_indices[first:last], adaptive=on_cpu
+            )
 
     target_rank = None
     if targets is not None:

@@ -25,6 +25,7 @@ def _png(fig) -> bytes:
 
 def training_plot(history: list[dict[str, Any]]) -> bytes:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -43,13 +44,16 @@ def training_plot(history: list[dict[str, Any]]) -> bytes:
 
 def history_plot(nights: list[dict[str, Any]]) -> bytes:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.5))
     dates = [n["date"] for n in nights]
     for who in ("candidate", "live", "popularity"):
-        ax.plot(dates, [n.get("val_ndcg@10", {}).get(who, float("nan")) for n in nights], marker="o", label=who)
+        ax.plot(
+            dates, [n.get("val_ndcg@10", {}).get(who, float("nan")) for n in nights], marker="o", label=who
+        )
     ax.set(title="validation NDCG@10 by night", xlabel="night")
     ax.legend()
     fig.autofmt_xdate()
@@ -70,14 +74,19 @@ def metric_history(storage: Storage, upto: str) -> list[dict[str, Any]]:
 
 def markdown(report: dict[str, Any]) -> str:
     c = report["counts"]
-    lines = [f"# seqrec nightly report {report['date']}", "",
-             f"- live model: `{report['live_model']}` ({report['decision']})",
-             f"- events read {c['rows_read']} = kept {c['rows_kept']} + quarantined {c['rows_quarantined']} "
-             f"+ duplicates {c['duplicates_dropped']}; users {c['users']} (new {c['new_users']}), "
-             f"items {c['items']} (new {c['new_items']})",
-             f"- recommendations: {report.get('recommendations', {}).get('rows', 0)} users at "
-             f"`{report.get('recommendations', {}).get('location', '')}`", "",
-             "| stage | seconds |", "|---|---|"]
+    lines = [
+        f"# seqrec nightly report {report['date']}",
+        "",
+        f"- live model: `{report['live_model']}` ({report['decision']})",
+        f"- events read {c['rows_read']} = kept {c['rows_kept']} + quarantined {c['rows_quarantined']} "
+        f"+ duplicates {c['duplicates_dropped']}; users {c['users']} (new {c['new_users']}), "
+        f"items {c['items']} (new {c['new_items']})",
+        f"- recommendations: {report.get('recommendations', {}).get('rows', 0)} users at "
+        f"`{report.get('recommendations', {}).get('location', '')}`",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in report["timings_s"].items()]
     lines += ["", "| validation NDCG@10 | value |", "|---|---|"]
     lines += [f"| {who} | {value:.4f} |" for who, value in report["val_ndcg@10"].items() if value is not None]

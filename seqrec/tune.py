@@ -30,8 +30,16 @@ from typing import Any
 
 import ray
 
-from seqrec.config import (CONTEXT_LENGTHS, LARGE_CATALOGUE, Config, DataShape, apply_overrides,
-                           config_from_dict, context_length, suggested)
+from seqrec.config import (
+    CONTEXT_LENGTHS,
+    LARGE_CATALOGUE,
+    Config,
+    DataShape,
+    apply_overrides,
+    config_from_dict,
+    context_length,
+    suggested,
+)
 from seqrec.data import SEQUENCE_COLUMNS, data_shape
 from seqrec.prepare import InputError, read_sequences
 from seqrec.storage import Storage
@@ -39,16 +47,16 @@ from seqrec.training.loop import SELECTION_METRIC
 
 log = logging.getLogger("seqrec.tune")
 
-TRIAL_CPUS = 0.01          # the trial itself only waits on its training run, which holds the worker's CPUs
+TRIAL_CPUS = 0.01  # the trial itself only waits on its training run, which holds the worker's CPUs
 
 
 @dataclass
 class TuneSettings:
-    name: str                              # the experiment: tune/<name>/ below the storage root
-    budget_minutes: float = 60.0           # wall clock for the whole search (Tune's time_budget_s)
-    trials: int = 16                       # trials sampled from the space (fewer if the budget ends first)
-    concurrency: int = 0                   # trials at once; 0: as many as the cluster's CPUs hold
-    grace_epochs: int = 2                  # ASHA judges a trial after this many epochs, then at x3 rungs
+    name: str  # the experiment: tune/<name>/ below the storage root
+    budget_minutes: float = 60.0  # wall clock for the whole search (Tune's time_budget_s)
+    trials: int = 16  # trials sampled from the space (fewer if the budget ends first)
+    concurrency: int = 0  # trials at once; 0: as many as the cluster's CPUs hold
+    grace_epochs: int = 2  # ASHA judges a trial after this many epochs, then at x3 rungs
     seed: int = 0
 
 
@@ -95,8 +103,10 @@ class SearchSpace:
         return SearchSpace(preset=self.preset, fields=fields)
 
     def describe(self) -> dict[str, Any]:
-        return {key: list(d.values) if isinstance(d, Choice) else {"log_uniform": [d.low, d.high]}
-                for key, d in self.fields.items()}
+        return {
+            key: list(d.values) if isinstance(d, Choice) else {"log_uniform": [d.low, d.high]}
+            for key, d in self.fields.items()
+        }
 
 
 def preset(shape: DataShape) -> str:
@@ -113,7 +123,7 @@ def search_space(shape: DataShape, fixed: set[str] = frozenset()) -> SearchSpace
     kind = preset(shape)
     lengths = (20, *CONTEXT_LENGTHS)
     at = lengths.index(context_length(shape))
-    lengths = lengths[max(at - 1, 0): at + 2]
+    lengths = lengths[max(at - 1, 0) : at + 2]
     small = shape.interactions < 100_000
     negatives = tuple(n for n in (256, 1024, 4096) if n < shape.items) or (max(shape.items // 2, 1),)
     losses = ("sampled", "gbce") if shape.items > LARGE_CATALOGUE else ("ce", "sampled", "gbce")
@@ -138,8 +148,16 @@ def trial_config(start: Config, params: dict[str, Any]) -> Config:
     """The config one trial trains with: the sampled ``params`` on ``start``, one worker, no warm start,
     validation every epoch (ASHA and the report judge each one)."""
     threads = start.train.torch_threads or max(1, int(start.train.cpus_per_worker))
-    return apply_overrides(start, {**params, "train.num_workers": 1, "train.warm_start": False,
-                                   "train.eval_every": 1, "train.torch_threads": threads})
+    return apply_overrides(
+        start,
+        {
+            **params,
+            "train.num_workers": 1,
+            "train.warm_start": False,
+            "train.eval_every": 1,
+            "train.torch_threads": threads,
+        },
+    )
 
 
 def _epoch_callback():
@@ -164,10 +182,18 @@ def run_trial(params: dict[str, Any], *, root: str, date: str, start: dict[str, 
     storage = Storage(root)
     config = trial_config(config_from_dict(start), params)
     sequences = read_sequences(storage, date, columns=SEQUENCE_COLUMNS)
-    train(storage, sequences, model_config=config.model, train_config=config.train,
-          prepare_config=config.prepare, run_name=tune.get_context().get_trial_id(),
-          runs_dir=f"tune/{name}/runs", text_features_fn=text_features_for(config, storage),
-          ks=config.eval.ks, callbacks=[_epoch_callback()])
+    train(
+        storage,
+        sequences,
+        model_config=config.model,
+        train_config=config.train,
+        prepare_config=config.prepare,
+        run_name=tune.get_context().get_trial_id(),
+        runs_dir=f"tune/{name}/runs",
+        text_features_fn=text_features_for(config, storage),
+        ks=config.eval.ks,
+        callbacks=[_epoch_callback()],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,12 +203,12 @@ def run_trial(params: dict[str, Any], *, root: str, date: str, start: dict[str, 
 class TrialRow:
     trial: str
     params: dict[str, Any]
-    val_ndcg: float                        # best validation NDCG@10 over its epochs
-    best_epoch: int                        # 1-based
+    val_ndcg: float  # best validation NDCG@10 over its epochs
+    best_epoch: int  # 1-based
     epochs: int
     minutes: float
-    stop: str                              # completed | patience | cut (ASHA or the budget) | error
-    val: dict[str, float] = field(default_factory=dict)   # every validation metric at the best epoch
+    stop: str  # completed | patience | cut (ASHA or the budget) | error
+    val: dict[str, float] = field(default_factory=dict)  # every validation metric at the best epoch
 
 
 @dataclass
@@ -220,12 +246,19 @@ def _row(result, max_epochs: int, patience: int) -> TrialRow | None:
         stop = "patience"
     else:
         stop = "cut"
-    val = {k: float(best[k]) for k in frame.columns
-           if k.startswith("val_") and not math.isnan(float(best[k]))}
-    return TrialRow(trial=str(trial), params=dict(result.config), val_ndcg=float(best[SELECTION_METRIC]),
-                    best_epoch=best_epoch, epochs=epochs,
-                    minutes=round(float(frame["time_total_s"].max()) / 60, 2),
-                    stop=stop, val=val)
+    val = {
+        k: float(best[k]) for k in frame.columns if k.startswith("val_") and not math.isnan(float(best[k]))
+    }
+    return TrialRow(
+        trial=str(trial),
+        params=dict(result.config),
+        val_ndcg=float(best[SELECTION_METRIC]),
+        best_epoch=best_epoch,
+        epochs=epochs,
+        minutes=round(float(frame["time_total_s"].max()) / 60, 2),
+        stop=stop,
+        val=val,
+    )
 
 
 def _short(key: str) -> str:
@@ -235,21 +268,34 @@ def _short(key: str) -> str:
 def table(rows: list[TrialRow], keys: list[str]) -> str:
     """The trials best first, one line each, with the sampled settings."""
     head = ["trial", "val_ndcg@10", "best_ep", "epochs", "min", "stop", *(_short(k) for k in keys)]
+
     def cell(value: Any) -> str:
         return f"{value:.2g}" if isinstance(value, float) else str(value)
 
-    lines = [[r.trial, f"{r.val_ndcg:.4f}", str(r.best_epoch), str(r.epochs), f"{r.minutes:.1f}", r.stop,
-              *(cell(r.params.get(k)) for k in keys)] for r in rows]
+    lines = [
+        [
+            r.trial,
+            f"{r.val_ndcg:.4f}",
+            str(r.best_epoch),
+            str(r.epochs),
+            f"{r.minutes:.1f}",
+            r.stop,
+            *(cell(r.params.get(k)) for k in keys),
+        ]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [head, *lines])
 
 
 def chosen_yaml(config: Config, best: TrialRow, name: str, date: str, budget: float, trials: int) -> str:
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     tuned = ", ".join(f"{k}={v}" for k, v in best.params.items())
-    return (f"# Chosen by `seqrec tune` (experiment {name!r}, sequences of {date}, {stamp}) on validation\n"
-            f"# only: val NDCG@10 {best.val_ndcg:.4f} at epoch {best.best_epoch} (trial {best.trial}, "
-            f"best of {trials} trials in a {budget:g}-minute budget).\n# Tuned: {tuned}\n{config.dumps()}")
+    return (
+        f"# Chosen by `seqrec tune` (experiment {name!r}, sequences of {date}, {stamp}) on validation\n"
+        f"# only: val NDCG@10 {best.val_ndcg:.4f} at epoch {best.best_epoch} (trial {best.trial}, "
+        f"best of {trials} trials in a {budget:g}-minute budget).\n# Tuned: {tuned}\n{config.dumps()}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,8 +312,14 @@ def _concurrency(settings: TuneSettings, start: Config) -> int:
     return max(1, min(settings.trials, int(cpus // (start.train.cpus_per_worker + TRIAL_CPUS))))
 
 
-def search(storage: Storage, date: str, base: Config, settings: TuneSettings, fixed: set[str] = frozenset(),
-         explicit: set[str] = frozenset()) -> TuneReport:
+def search(
+    storage: Storage,
+    date: str,
+    base: Config,
+    settings: TuneSettings,
+    fixed: set[str] = frozenset(),
+    explicit: set[str] = frozenset(),
+) -> TuneReport:
     """Search on the sequences of ``date``; returns the report and writes it, with the chosen config,
     under ``tune/<name>/``. ``fixed``: fields held at ``base``'s value (``--set``); ``explicit``:
     fields the user set at all (no suggestion replaces them)."""
@@ -284,58 +336,105 @@ def search(storage: Storage, date: str, base: Config, settings: TuneSettings, fi
     start = apply_overrides(base, suggested(base, shape, set(explicit) | set(fixed)))
     space = search_space(shape, set(fixed)).including(start)
     first = space.values_of(start)
-    log.info("tune %s: %d users, %d items, median history %.0f: preset %s, %d fields searched, start %s",
-             settings.name, shape.users, shape.items, shape.length_p50, space.preset, len(space.fields),
-             first)
+    log.info(
+        "tune %s: %d users, %d items, median history %.0f: preset %s, %d fields searched, start %s",
+        settings.name,
+        shape.users,
+        shape.items,
+        shape.length_p50,
+        space.preset,
+        len(space.fields),
+        first,
+    )
 
     trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(run_trial, root=storage.root, date=date, start=start.to_dict(),
-                                 name=settings.name),
-        {"cpu": TRIAL_CPUS})
+        ray_tune.with_parameters(
+            run_trial, root=storage.root, date=date, start=start.to_dict(), name=settings.name
+        ),
+        {"cpu": TRIAL_CPUS},
+    )
     path = storage.path("tune", settings.name)
     filesystem = storage.filesystem if storage.is_s3 else None
     restored = ray_tune.Tuner.can_restore(path, storage_filesystem=filesystem)
     if restored:
-        log.info("tune %s: restoring the experiment at %s (its trials count and budget are kept)",
-                 settings.name, storage.uri("tune", settings.name))
-        tuner = ray_tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
-                                       restart_errored=True, storage_filesystem=filesystem)
+        log.info(
+            "tune %s: restoring the experiment at %s (its trials count and budget are kept)",
+            settings.name,
+            storage.uri("tune", settings.name),
+        )
+        tuner = ray_tune.Tuner.restore(
+            path,
+            trainable=trainable,
+            resume_unfinished=True,
+            restart_errored=True,
+            storage_filesystem=filesystem,
+        )
     else:
         tuner = ray_tune.Tuner(
             trainable,
             param_space={key: d.domain() for key, d in space.fields.items()},
             tune_config=ray_tune.TuneConfig(
-                metric=SELECTION_METRIC, mode="max", num_samples=settings.trials,
-                time_budget_s=settings.budget_minutes * 60, trial_dirname_creator=trial_dirname,
-                scheduler=ASHAScheduler(time_attr="epochs", max_t=base.train.epochs, reduction_factor=3,
-                                        grace_period=min(settings.grace_epochs, base.train.epochs)),
+                metric=SELECTION_METRIC,
+                mode="max",
+                num_samples=settings.trials,
+                time_budget_s=settings.budget_minutes * 60,
+                trial_dirname_creator=trial_dirname,
+                scheduler=ASHAScheduler(
+                    time_attr="epochs",
+                    max_t=base.train.epochs,
+                    reduction_factor=3,
+                    grace_period=min(settings.grace_epochs, base.train.epochs),
+                ),
                 # (Tune's max_concurrent_trials is ignored for this search algorithm: it takes its own.)
-                search_alg=BasicVariantGenerator(points_to_evaluate=[first], random_state=settings.seed,
-                                                 max_concurrent=_concurrency(settings, start))),
-            run_config=ray_tune.RunConfig(name=settings.name, storage_path=storage.path("tune"),
-                                          storage_filesystem=filesystem),
+                search_alg=BasicVariantGenerator(
+                    points_to_evaluate=[first],
+                    random_state=settings.seed,
+                    max_concurrent=_concurrency(settings, start),
+                ),
+            ),
+            run_config=ray_tune.RunConfig(
+                name=settings.name, storage_path=storage.path("tune"), storage_filesystem=filesystem
+            ),
         )
     results = tuner.fit()
-    rows = [row for row in (_row(result, base.train.epochs, start.train.patience) for result in results)
-            if row is not None]
+    rows = [
+        row
+        for row in (_row(result, base.train.epochs, start.train.patience) for result in results)
+        if row is not None
+    ]
     if not rows:
         errors = [str(result.error).splitlines()[0] for result in results if result.error is not None]
         cause = f"; first error: {errors[0]}" if errors else ""
-        raise RuntimeError(f"tune {settings.name}: no trial finished an epoch within "
-                           f"{settings.budget_minutes:g} minutes{cause}; raise --budget-minutes or lower "
-                           "train.epochs")
+        raise RuntimeError(
+            f"tune {settings.name}: no trial finished an epoch within "
+            f"{settings.budget_minutes:g} minutes{cause}; raise --budget-minutes or lower "
+            "train.epochs"
+        )
     rows.sort(key=lambda r: -r.val_ndcg)
     best = rows[0]
     chosen = apply_overrides(start, best.params)
     text = chosen_yaml(chosen, best, settings.name, date, settings.budget_minutes, len(rows))
     storage.write_bytes(text.encode(), "tune", settings.name, "chosen.yaml")
     report = TuneReport(
-        name=settings.name, date=date, storage=storage.uri("tune", settings.name), preset=space.preset,
+        name=settings.name,
+        date=date,
+        storage=storage.uri("tune", settings.name),
+        preset=space.preset,
         shape={**asdict(shape), "interactions_per_item": round(shape.interactions_per_item, 2)},
-        space=space.describe(), settings=asdict(settings), restored=restored,
-        wall_minutes=round((time.perf_counter() - started) / 60, 2), best=best, trials=rows,
-        chosen_config=storage.uri("tune", settings.name, "chosen.yaml"))
+        space=space.describe(),
+        settings=asdict(settings),
+        restored=restored,
+        wall_minutes=round((time.perf_counter() - started) / 60, 2),
+        best=best,
+        trials=rows,
+        chosen_config=storage.uri("tune", settings.name, "chosen.yaml"),
+    )
     storage.write_json(report.as_dict(), "tune", settings.name, "report.json")
-    log.info("tune %s: best trial %s, val NDCG@10 %.4f -> %s", settings.name, best.trial, best.val_ndcg,
-             report.chosen_config)
+    log.info(
+        "tune %s: best trial %s, val NDCG@10 %.4f -> %s",
+        settings.name,
+        best.trial,
+        best.val_ndcg,
+        report.chosen_config,
+    )
     return report

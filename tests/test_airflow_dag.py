@@ -85,8 +85,12 @@ class FakeJobServer:
 def submit_night():
     """The DAG file's functions, without Airflow: every top-level def, compiled on its own."""
     tree = _tree()
-    body = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.Import, ast.ImportFrom))
-            and not (isinstance(n, ast.ImportFrom) and (n.module or "").startswith("airflow"))]
+    body = [
+        n
+        for n in tree.body
+        if isinstance(n, (ast.FunctionDef, ast.Import, ast.ImportFrom))
+        and not (isinstance(n, ast.ImportFrom) and (n.module or "").startswith("airflow"))
+    ]
     body += [n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "ACTIVE"]
     namespace: dict = {}
     exec(compile(ast.Module(body=body, type_ignores=[]), str(DAG_FILE), "exec"), namespace)
@@ -102,7 +106,7 @@ def test_first_attempt_submits_the_night_under_its_id(submit_night):
 
 def test_retry_waits_on_the_running_night_instead_of_resubmitting(submit_night):
     server = FakeJobServer(polls=3)
-    server.jobs["seqrec-nightly-2024-01-07"] = Job("seqrec-nightly-2024-01-07", "...")   # the lost attempt
+    server.jobs["seqrec-nightly-2024-01-07"] = Job("seqrec-nightly-2024-01-07", "...")  # the lost attempt
     assert submit_night("2024-01-07", "", "r", poll_s=0, client=server) == "seqrec-nightly-2024-01-07"
     assert len(server.jobs) == 1
 

@@ -11,8 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from seqrec.artifact import (PROMOTED, Artifact, ArtifactError, load, promote, promoted_version, read_local, save,
-                             write_local)
+from seqrec.artifact import (
+    PROMOTED,
+    Artifact,
+    ArtifactError,
+    load,
+    promote,
+    promoted_version,
+    read_local,
+    save,
+    write_local,
+)
 from seqrec.data import Vocabulary
 from seqrec.model import build_model
 from seqrec.storage import Storage
@@ -23,12 +32,25 @@ TYPES = ["view", "click"]
 
 def artifact(version: str = "2024-01-02-000001", kind: str = "causal") -> Artifact:
     torch.manual_seed(0)
-    model = build_model(NUM_ITEMS, kind=kind, hidden_size=8, num_layers=1, num_heads=2, max_len=6, dropout=0.0,
-                        num_event_types=len(TYPES))
+    model = build_model(
+        NUM_ITEMS,
+        kind=kind,
+        hidden_size=8,
+        num_layers=1,
+        num_heads=2,
+        max_len=6,
+        dropout=0.0,
+        num_event_types=len(TYPES),
+    )
     vocab = Vocabulary.build(pa.array([100 + 7 * i for i in range(NUM_ITEMS)], pa.int64()), TYPES)
     vocab.counts = np.arange(NUM_ITEMS + 1, dtype=np.int64)
-    return Artifact(version=version, model=model, vocab=vocab, metrics={"val": {"ndcg@10": 0.25}},
-                    manifest={"parent": None, "data": "sequences/dt=2024-01-02"})
+    return Artifact(
+        version=version,
+        model=model,
+        vocab=vocab,
+        metrics={"val": {"ndcg@10": 0.25}},
+        manifest={"parent": None, "data": "sequences/dt=2024-01-02"},
+    )
 
 
 @pytest.fixture
@@ -45,11 +67,16 @@ def same_weights(a, b) -> bool:
 def test_write_read_round_trip(tmp_path, kind):
     original = artifact(kind=kind)
     directory = write_local(original, tmp_path / "m")
-    assert {p.name for p in directory.iterdir()} >= {"config.json", "model.safetensors", "vocabulary.parquet",
-                                                     "metrics.json", "manifest.json"}
+    assert {p.name for p in directory.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "vocabulary.parquet",
+        "metrics.json",
+        "manifest.json",
+    }
     loaded = read_local(directory, version="v7")
     assert loaded.version == "v7"
-    assert read_local(directory).version == "m"          # defaults to the directory name
+    assert read_local(directory).version == "m"  # defaults to the directory name
     assert same_weights(loaded.model, original.model)
     assert loaded.model.config.kind == kind
     assert not loaded.model.training
@@ -82,8 +109,10 @@ def test_pickle_beside_safetensors_is_refused(directory, name):
 def test_vocabulary_size_mismatch_is_refused(directory):
     smaller = Vocabulary.build(pa.array(range(NUM_ITEMS - 2), pa.int64()), TYPES)
     pq.write_table(smaller.to_table(), directory / "vocabulary.parquet")
-    with pytest.raises(ArtifactError, match=f"vocabulary has {NUM_ITEMS - 2} items but the weights were built for "
-                                            f"{NUM_ITEMS}"):
+    with pytest.raises(
+        ArtifactError,
+        match=f"vocabulary has {NUM_ITEMS - 2} items but the weights were built for {NUM_ITEMS}",
+    ):
         read_local(directory)
 
 
@@ -98,8 +127,13 @@ def test_vocabulary_of_the_same_size_but_different_is_refused(directory, change)
         ids[0], ids[1] = ids[1], ids[0]
     else:
         types = types[::-1]
-    table = pa.table({"item_id": pa.array(ids, pa.int64()), "index": pa.array(range(1, NUM_ITEMS + 1), pa.int64()),
-                      "count": pa.array(original.counts[1:], pa.int64())})
+    table = pa.table(
+        {
+            "item_id": pa.array(ids, pa.int64()),
+            "index": pa.array(range(1, NUM_ITEMS + 1), pa.int64()),
+            "count": pa.array(original.counts[1:], pa.int64()),
+        }
+    )
     pq.write_table(table, directory / "vocabulary.parquet")
     if change == "other event types":
         config = json.loads((directory / "config.json").read_text())
@@ -114,10 +148,11 @@ def test_vocabulary_checksum_is_recorded_and_string_ids_work(tmp_path):
 
     original = artifact()
     directory = write_local(original, tmp_path / "m")
-    assert json.loads((directory / "config.json").read_text())["vocabulary_checksum"] == \
-        vocabulary_checksum(original.vocab)
+    assert json.loads((directory / "config.json").read_text())["vocabulary_checksum"] == vocabulary_checksum(
+        original.vocab
+    )
     a = Vocabulary.build(pa.array(["ab", "c"]), TYPES)
-    b = Vocabulary.build(pa.array(["a", "bc"]), TYPES)          # same bytes joined, other split
+    b = Vocabulary.build(pa.array(["a", "bc"]), TYPES)  # same bytes joined, other split
     assert vocabulary_checksum(a) != vocabulary_checksum(b)
     assert vocabulary_checksum(a) == vocabulary_checksum(Vocabulary.build(pa.array(["c", "ab"]), TYPES))
 
@@ -132,8 +167,10 @@ def test_weights_for_another_shape_are_refused(directory):
     config = json.loads((directory / "config.json").read_text())
     config["num_items"] = NUM_ITEMS + 5
     (directory / "config.json").write_text(json.dumps(config))
-    pq.write_table(Vocabulary.build(pa.array(range(NUM_ITEMS + 5), pa.int64()), TYPES).to_table(),
-                   directory / "vocabulary.parquet")
+    pq.write_table(
+        Vocabulary.build(pa.array(range(NUM_ITEMS + 5), pa.int64()), TYPES).to_table(),
+        directory / "vocabulary.parquet",
+    )
     with pytest.raises(ArtifactError, match="weights do not"):
         read_local(directory)
 

@@ -33,9 +33,14 @@ def ray_shared():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
+        )
         from ray import data as ray_data
+
         ray_data.DataContext.get_current().enable_progress_bars = False
     yield ray
     if started:
@@ -67,8 +72,8 @@ def test_scoring_smoke(ray_shared, tmp_path, capsys):
     assert row["users"] == 3000 and row["wall_s"] > 0 and row["users_per_s"] > 0
     assert 0 < row["peak_mem_gib"] < 64
     assert 0 < row["roofline_ratio"] < 1
-    assert row["actor_speedup"] is None                 # not asked for in this run
-    assert "users_per_s" in capsys.readouterr().out     # the table
+    assert row["actor_speedup"] is None  # not asked for in this run
+    assert "users_per_s" in capsys.readouterr().out  # the table
 
 
 def test_scoring_items_sweep_smoke(tmp_path):
@@ -77,7 +82,7 @@ def test_scoring_items_sweep_smoke(tmp_path):
     rows = read_rows(out)
     assert [r["items"] for r in rows] == [20_000, 200_000]
     for row in rows:
-        assert row["peak_growth_mib"] < 64             # ranking adds little on top of the item table
+        assert row["peak_growth_mib"] < 64  # ranking adds little on top of the item table
         assert row["table_gib"] > 0 and row["seconds"] > 0
     print("items sweep peak growth MiB:", [r["peak_growth_mib"] for r in rows])
     # The claim: memory beyond the item table stays flat as the catalogue grows (10x here, while
@@ -89,7 +94,7 @@ def test_scoring_items_sweep_smoke(tmp_path):
 
 def test_flops_formula_counts_the_transformer_and_the_catalogue():
     flops = scoring.flops_per_user(num_items=100_000, seq_len=50, hidden=64, layers=2)
-    assert flops["forward"] == 2 * (24 * 50 * 64 ** 2 + 4 * 50 ** 2 * 64)
+    assert flops["forward"] == 2 * (24 * 50 * 64**2 + 4 * 50**2 * 64)
     assert flops["ranking"] == 2 * 64 * 100_001
     assert flops["total"] == flops["forward"] + flops["ranking"]
 
@@ -100,7 +105,7 @@ def test_synthetic_sequences_match_what_scoring_reads(tmp_path):
     storage = Storage(str(tmp_path))
     scoring.write_sequences(storage, "2030-01-01", users=250, num_items=40, seq_len=7)
     (path,) = storage.list_files("sequences", "dt=2030-01-01", suffix=".parquet")
-    table = storage.read_table(path[len(storage.base) + 1:])
+    table = storage.read_table(path[len(storage.base) + 1 :])
     assert table.column_names == ["user_id", "item_ids", "event_types"]
     assert table.num_rows == 250 and table["user_id"].to_pylist() == list(range(250))
     flat = pa.compute.list_flatten(table["item_ids"]).to_numpy()
@@ -140,7 +145,10 @@ def test_training_smoke(ray_shared, tiny_dataset, tmp_path):
 
 
 def test_first_epoch_reaching_target():
-    history = [{"epoch": 0, "epoch_s": 30.0, "val_ndcg@10": 0.1}, {"epoch": 1, "epoch_s": 30.0, "val_ndcg@10": 0.2}]
+    history = [
+        {"epoch": 0, "epoch_s": 30.0, "val_ndcg@10": 0.1},
+        {"epoch": 1, "epoch_s": 30.0, "val_ndcg@10": 0.2},
+    ]
     assert training.first_epoch_reaching(history, setup_s=60.0, target=0.18) == {"epoch": 1, "minutes": 2.0}
     assert training.first_epoch_reaching(history, setup_s=60.0, target=0.5) is None
 
@@ -153,13 +161,40 @@ def test_quality_smoke(ray_shared, tiny_dataset, tmp_path):
     events, titles = tiny_dataset
     # Whole histories longer than the model's 20 (several training windows), the sampled loss with
     # uniform negatives, the cosine schedule, a 2-member ensemble: the Beauty benchmark's paths.
-    assert quality.main(["--smoke", "--data", str(events), "--format", "sasrec", "--titles", str(titles),
-                         "--set", "train.epochs=1", "--set", "prepare.max_len=500", "--set", "train.loss=sampled",
-                         "--set", "train.negatives=uniform", "--set", "train.lr_schedule=cosine",
-                         "--set", "model.members=2", "--out", str(out)]) == 0
+    assert (
+        quality.main(
+            [
+                "--smoke",
+                "--data",
+                str(events),
+                "--format",
+                "sasrec",
+                "--titles",
+                str(titles),
+                "--set",
+                "train.epochs=1",
+                "--set",
+                "prepare.max_len=500",
+                "--set",
+                "train.loss=sampled",
+                "--set",
+                "train.negatives=uniform",
+                "--set",
+                "train.lr_schedule=cosine",
+                "--set",
+                "model.members=2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     payload = json.loads(out.read_text())
     assert payload["dataset"]["name"] == "tiny"
-    assert payload["config"]["prepare"]["max_len"] == 500 and payload["config"]["train"]["negatives"] == "uniform"
+    assert (
+        payload["config"]["prepare"]["max_len"] == 500
+        and payload["config"]["train"]["negatives"] == "uniform"
+    )
     rows = {r["model"]: r for r in payload["rows"]}
     assert "popularity" in rows and len(rows) == 2
     for row in rows.values():
@@ -183,13 +218,22 @@ def test_benchmark_configs_load(path):
     load_config(path)  # unknown keys and bad choices raise
 
 
-@pytest.mark.parametrize("flags", [[], ["--cold-start", "--set", "model.text_encoder=null"]], ids=["config", "cold-start"])
+@pytest.mark.parametrize(
+    "flags", [[], ["--cold-start", "--set", "model.text_encoder=null"]], ids=["config", "cold-start"]
+)
 def test_quality_text_config_without_titles_is_refused(tmp_path, flags):
     """ml-1m.yaml's model, and --cold-start's text-aware one, read item titles: without --titles the
     run stops before any work, saying what to pass."""
     with pytest.raises(SystemExit, match="--titles"):
-        quality.main(["--data", str(tmp_path / "absent.txt"), "--config", str(BENCHMARKS / "configs" / "ml-1m.yaml"),
-                      *flags])
+        quality.main(
+            [
+                "--data",
+                str(tmp_path / "absent.txt"),
+                "--config",
+                str(BENCHMARKS / "configs" / "ml-1m.yaml"),
+                *flags,
+            ]
+        )
 
 
 def test_quality_cold_start_smoke(ray_shared, tiny_dataset, tmp_path):
@@ -197,15 +241,40 @@ def test_quality_cold_start_smoke(ray_shared, tiny_dataset, tmp_path):
     placement of new items."""
     out = tmp_path / "cold.json"
     events, titles = tiny_dataset
-    assert quality.main(["--smoke", "--cold-start", "--data", str(events), "--format", "sasrec", "--titles",
-                         str(titles), "--set", "train.epochs=1", "--out", str(out)]) == 0
+    assert (
+        quality.main(
+            [
+                "--smoke",
+                "--cold-start",
+                "--data",
+                str(events),
+                "--format",
+                "sasrec",
+                "--titles",
+                str(titles),
+                "--set",
+                "train.epochs=1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     payload = json.loads(out.read_text())
     rows = {r["model"]: r for r in payload["rows"]}
-    assert list(rows) == ["id-only", "text:minilm", "text:minilm, new items by text projection alone", "popularity"]
+    assert list(rows) == [
+        "id-only",
+        "text:minilm",
+        "text:minilm, new items by text projection alone",
+        "popularity",
+    ]
     assert payload["dataset"]["withheld_items"] > 0
     for row in rows.values():
         assert 0 <= row["recall@10_withheld"] <= 1 and row["withheld_users"] > 0
-    print("cold-start smoke recall@10 of withheld targets:", {k: r["recall@10_withheld"] for k, r in rows.items()})
+    print(
+        "cold-start smoke recall@10 of withheld targets:",
+        {k: r["recall@10_withheld"] for k, r in rows.items()},
+    )
     # The benchmark's claim: an id-only model does not rank items it never trained on (their rows are
     # only ever negatives; after one epoch on this tiny catalogue a few still reach a top 10: 0 and
     # 0.027 in two runs), the text-aware model with learned placement does (0.64).
@@ -214,23 +283,27 @@ def test_quality_cold_start_smoke(ray_shared, tiny_dataset, tmp_path):
 
 
 def test_withheld_items_leave_training_but_stay_as_test_targets():
-    sequences = pa.table({
-        "user_id": pa.array([1, 2, 3], pa.int64()),
-        "item_ids": pa.array([[1, 2, 3, 4], [4, 5, 2], [2, 6, 7, 8, 9]], pa.list_(pa.int64())),
-        "event_types": pa.array([["a", "b", "c", "d"], ["e", "f", "g"], ["h", "i", "j", "k", "l"]]),
-    })
+    sequences = pa.table(
+        {
+            "user_id": pa.array([1, 2, 3], pa.int64()),
+            "item_ids": pa.array([[1, 2, 3, 4], [4, 5, 2], [2, 6, 7, 8, 9]], pa.list_(pa.int64())),
+            "event_types": pa.array([["a", "b", "c", "d"], ["e", "f", "g"], ["h", "i", "j", "k", "l"]]),
+        }
+    )
     filtered, withheld = quality.withhold_items(sequences, fraction=0.25, seed=3)
-    assert len(withheld) == 2                                   # 25% of 9 items, rounded
+    assert len(withheld) == 2  # 25% of 9 items, rounded
     last = quality.last_items(sequences)
-    for before, after, types_before, types_after in zip(sequences["item_ids"].to_pylist(),
-                                                        filtered["item_ids"].to_pylist(),
-                                                        sequences["event_types"].to_pylist(),
-                                                        filtered["event_types"].to_pylist()):
-        assert after[-1] == before[-1]                          # the test target is kept, withheld or not
-        assert not set(after[:-1]) & set(withheld.tolist())     # nowhere else
+    for before, after, types_before, types_after in zip(
+        sequences["item_ids"].to_pylist(),
+        filtered["item_ids"].to_pylist(),
+        sequences["event_types"].to_pylist(),
+        filtered["event_types"].to_pylist(),
+    ):
+        assert after[-1] == before[-1]  # the test target is kept, withheld or not
+        assert not set(after[:-1]) & set(withheld.tolist())  # nowhere else
         assert after[:-1] == [i for i in before[:-1] if i not in withheld]
         kept = dict(zip(before, types_before))
-        assert types_after == [kept[i] for i in after]          # event types filtered alike
+        assert types_after == [kept[i] for i in after]  # event types filtered alike
     assert list(quality.last_items(filtered)) == list(last)
     assert quality.dataset_name("/x/ml-1m/ml-1m.txt.gz") == "ml-1m"
     assert quality.dataset_name("/x/amazon-s3rec/Beauty.txt.gz") == "beauty"
@@ -245,7 +318,7 @@ def test_rank_unseen_blocks_and_two_level_top_k_match_a_dense_reference():
     from seqrec.ranking import rank_unseen
 
     torch.manual_seed(5)
-    batch, num_items, hidden, k = 150, 40_000, 16, 10       # 3 row blocks x 3 chunks, 64-item groups
+    batch, num_items, hidden, k = 150, 40_000, 16, 10  # 3 row blocks x 3 chunks, 64-item groups
     queries, items = torch.randn(batch, hidden), torch.randn(num_items, hidden)
     seen = torch.randint(0, num_items, (batch, 30))
     excluded = torch.rand(num_items) < 0.02
@@ -259,10 +332,10 @@ def test_rank_unseen_blocks_and_two_level_top_k_match_a_dense_reference():
     torch.testing.assert_close(ranked.scores, dense.topk(k, dim=1).values, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dense.gather(1, ranked.indices), ranked.scores, atol=1e-5, rtol=1e-5)
     own = dense.gather(1, targets[:, None])
-    expected = ((dense >= own).sum(1) - 1 + 1).float()       # ties count against the target, not itself
+    expected = ((dense >= own).sum(1) - 1 + 1).float()  # ties count against the target, not itself
     expected[own[:, 0] == float("-inf")] = float("inf")
     differ = ranked.target_rank != expected
-    assert differ.float().mean() <= 0.01                      # rounding of near-ties only
+    assert differ.float().mean() <= 0.01  # rounding of near-ties only
     assert ((ranked.target_rank - expected)[differ & torch.isfinite(expected)].abs() <= 1).all()
 
 
@@ -275,8 +348,18 @@ def test_nightly_smoke(ray_shared, tmp_path, capsys):
     out = tmp_path / "nightly.json"
     assert nightly.main(["--smoke", "--out", str(out)]) == 0
     (row,) = read_rows(out)
-    for key in ("users", "items", "events", "stage_s", "driver_peak_rss_gib", "peak_mem_gib", "cold_train_s",
-                "warm_train_s", "cold_val_ndcg@10", "warm_val_ndcg@10"):
+    for key in (
+        "users",
+        "items",
+        "events",
+        "stage_s",
+        "driver_peak_rss_gib",
+        "peak_mem_gib",
+        "cold_train_s",
+        "warm_train_s",
+        "cold_val_ndcg@10",
+        "warm_val_ndcg@10",
+    ):
         assert key in row, key
     assert set(row["stage_s"]) == {"prepare", "train", "evaluate", "score"}
     assert row["users"] == 400 and row["events"] > 400 * 8
@@ -285,7 +368,7 @@ def test_nightly_smoke(ray_shared, tmp_path, capsys):
     assert (cold["prepare"]["mode"], warm["prepare"]["mode"]) == ("full", "incremental")
     assert warm["prepare"]["rows_read"] == row["events_last_day"] < cold["prepare"]["rows_read"]
     assert cold["recommendations"] == warm["recommendations"] == row["users_with_sequences"]
-    assert "driver_peak_rss_gib" in capsys.readouterr().out          # the per-stage table
+    assert "driver_peak_rss_gib" in capsys.readouterr().out  # the per-stage table
 
 
 def test_nightly_events_have_daily_activity_and_chains():
@@ -297,9 +380,9 @@ def test_nightly_events_have_daily_activity_and_chains():
     cdf = np.cumsum(np.full(spec.items, 1 / spec.items))
     last = nightly.day_events(spec, spec.days - 1, succ, cdf)
     active = len(np.unique(last["user_id"]))
-    assert 0.15 * spec.users < active < 0.25 * spec.users                  # the last day: the daily share
+    assert 0.15 * spec.users < active < 0.25 * spec.users  # the last day: the daily share
     history = {u for d in range(spec.days - 1) for u in nightly.day_events(spec, d, succ, cdf)["user_id"]}
-    assert len(history) == spec.users                                     # every user has a history
+    assert len(history) == spec.users  # every user has a history
     same_user = last["user_id"][1:] == last["user_id"][:-1]
     follows = succ[last["item_id"][:-1] - 1] + 1 == last["item_id"][1:]
-    assert 0.7 < follows[same_user].mean() < 0.9                          # chains, at --follow 0.8
+    assert 0.7 < follows[same_user].mean() < 0.9  # chains, at --follow 0.8

@@ -27,7 +27,7 @@ def _events(root: Path, table: pa.Table) -> None:
 
 
 def _ts(n: int) -> pa.Array:
-    return pa.array([dt.datetime(2024, 1, 7, 12, tzinfo=dt.timezone.utc)] * n, pa.timestamp("us", tz="UTC"))
+    return pa.array([dt.datetime(2024, 1, 7, 12, tzinfo=dt.UTC)] * n, pa.timestamp("us", tz="UTC"))
 
 
 # Tests that reach a stage pass ray_local: prepare runs as Ray tasks, and the CLI joins the session's
@@ -46,44 +46,67 @@ def _user_error(capsys, argv: list[str], *expected: str) -> str:
 
 
 def test_bad_date_is_one_line(capsys, tmp_path):
-    _user_error(capsys, ["prepare", "--root", str(tmp_path), "--date", "2024-13-45"],
-                "--date '2024-13-45' is not a date", "YYYY-MM-DD")
+    _user_error(
+        capsys,
+        ["prepare", "--root", str(tmp_path), "--date", "2024-13-45"],
+        "--date '2024-13-45' is not a date",
+        "YYYY-MM-DD",
+    )
 
 
 def test_bad_override_is_one_line(capsys, tmp_path):
-    _user_error(capsys, ["prepare", "--root", str(tmp_path), "--date", DAY, "--set", "train.epochs=abc"],
-                "config train.epochs: expected int, got 'abc'")
-    _user_error(capsys, ["prepare", "--root", str(tmp_path), "--set", "train.epoch=3"],
-                "unknown config key 'train.epoch'")
-    _user_error(capsys, ["prepare", "--root", str(tmp_path), "--config", str(tmp_path / "nope.yaml")],
-                "cannot read config file", "nope.yaml")
+    _user_error(
+        capsys,
+        ["prepare", "--root", str(tmp_path), "--date", DAY, "--set", "train.epochs=abc"],
+        "config train.epochs: expected int, got 'abc'",
+    )
+    _user_error(
+        capsys,
+        ["prepare", "--root", str(tmp_path), "--set", "train.epoch=3"],
+        "unknown config key 'train.epoch'",
+    )
+    _user_error(
+        capsys,
+        ["prepare", "--root", str(tmp_path), "--config", str(tmp_path / "nope.yaml")],
+        "cannot read config file",
+        "nope.yaml",
+    )
 
 
 def test_missing_ts_column_is_one_line(capsys, tmp_path, ray_local):
     _events(tmp_path, pa.table({"user_id": [1, 2], "item_id": [3, 4]}))
-    _user_error(capsys, ["prepare", "--root", str(tmp_path), "--date", DAY],
-                "missing required column(s) ['ts']", "part-00000.parquet")
+    _user_error(
+        capsys,
+        ["prepare", "--root", str(tmp_path), "--date", DAY],
+        "missing required column(s) ['ts']",
+        "part-00000.parquet",
+    )
 
 
 def test_every_row_rejected_is_one_line(capsys, tmp_path, ray_local):
-    _events(tmp_path, pa.table({"user_id": pa.array([None, None], pa.int64()), "item_id": [3, 4],
-                                "ts": _ts(2)}))
+    _events(
+        tmp_path, pa.table({"user_id": pa.array([None, None], pa.int64()), "item_id": [3, 4], "ts": _ts(2)})
+    )
     _user_error(capsys, ["prepare", "--root", str(tmp_path), "--date", DAY], "rejected")
 
 
 def test_missing_root_is_one_line_and_not_created(capsys, tmp_path):
     root = tmp_path / "nonexistent"
     for command in ("score", "prepare", "show", "evaluate", "nightly"):
-        _user_error(capsys, [command, "--root", str(root), "--date", DAY],
-                    f"storage root {root} does not exist")
+        _user_error(
+            capsys, [command, "--root", str(root), "--date", DAY], f"storage root {root} does not exist"
+        )
     assert not root.exists()
 
 
 def test_missing_model_is_one_line(capsys, tmp_path):
     (tmp_path / "events").mkdir()
     _user_error(capsys, ["score", "--root", str(tmp_path), "--date", DAY], "no model promoted", "--model")
-    _user_error(capsys, ["evaluate", "--root", str(tmp_path), "--date", DAY, "--model", "2024-01-01-x"],
-                "no model '2024-01-01-x'")
+    _user_error(
+        capsys,
+        ["evaluate", "--root", str(tmp_path), "--date", DAY, "--model", "2024-01-01-x"],
+        "no model '2024-01-01-x'",
+    )
 
 
 def test_verbose_adds_the_traceback(capsys, tmp_path):
@@ -128,16 +151,23 @@ def test_show_with_nothing_published_exits_1(capsys, tmp_path):
 
 
 def test_version_and_python_dash_m():
-    done = subprocess.run([sys.executable, "-m", "seqrec", "--version"], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "seqrec", "--version"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().startswith(f"seqrec {__version__}")
-    done = subprocess.run([sys.executable, "-m", "seqrec", "prepare", "--date", "2024-02-30", "--root", "/"],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "seqrec", "prepare", "--date", "2024-02-30", "--root", "/"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "seqrec: error: --date '2024-02-30' is not a date (day is out of range for month); "
-        "use YYYY-MM-DD, e.g. 2024-01-07"]
+        "use YYYY-MM-DD, e.g. 2024-01-07"
+    ]
 
 
 def _published(tmp_path: Path, titles: bool) -> None:
@@ -145,9 +175,15 @@ def _published(tmp_path: Path, titles: bool) -> None:
     from seqrec.storage import Storage
 
     storage = Storage(str(tmp_path))
-    table = pa.table({"user_id": [2, 1], "items": [[11, 12], [12, 13]],
-                      "scores": [[0.9, 0.5], [0.8, 0.25]], "source": ["model", "popularity"],
-                      "model_version": ["v1", "v1"]})
+    table = pa.table(
+        {
+            "user_id": [2, 1],
+            "items": [[11, 12], [12, 13]],
+            "scores": [[0.9, 0.5], [0.8, 0.25]],
+            "source": ["model", "popularity"],
+            "model_version": ["v1", "v1"],
+        }
+    )
 
     def write(directory: str) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
@@ -156,11 +192,16 @@ def _published(tmp_path: Path, titles: bool) -> None:
     publish_partition(storage, "recommendations", DAY, write, {})
     if titles:
         (tmp_path / "items").mkdir()
-        catalogue = pa.table({"item_id": [11, 12, 13],
-                              "text": ["The Matrix (1999)", "Toy Story (1995)", None]})
+        catalogue = pa.table(
+            {"item_id": [11, 12, 13], "text": ["The Matrix (1999)", "Toy Story (1995)", None]}
+        )
         pq.write_table(catalogue, tmp_path / "items" / "items.parquet")
-    report = {"date": DAY, "decision": "kept v0: candidate val NDCG@10 0.1 is worse than live 0.2",
-              "live_model": "v0", "val_ndcg@10": {"candidate": 0.1, "live": 0.2, "popularity": 0.05}}
+    report = {
+        "date": DAY,
+        "decision": "kept v0: candidate val NDCG@10 0.1 is worse than live 0.2",
+        "live_model": "v0",
+        "val_ndcg@10": {"candidate": 0.1, "live": 0.2, "popularity": 0.05},
+    }
     storage.write_json(report, "reports", f"dt={DAY}", "report.json")
 
 

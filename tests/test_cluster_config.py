@@ -60,13 +60,16 @@ def _check_node_config(name: str, node_config: dict[str, Any]) -> None:
     import botocore.session
     from botocore.validate import ParamValidator
 
-    shape = botocore.session.get_session().get_service_model("ec2").operation_model("RunInstances").input_shape
+    shape = (
+        botocore.session.get_session().get_service_model("ec2").operation_model("RunInstances").input_shape
+    )
     report = ParamValidator().validate({**node_config, "MinCount": 1, "MaxCount": 1}, shape)
     if report.has_errors():
         raise ValueError(f"node type {name!r}: invalid EC2 node_config:\n{report.generate_report()}")
 
 
 # -- the real file -----------------------------------------------------------------------------
+
 
 def test_cluster_yaml_passes_ray_up_validation():
     prepared = ray_up_checks(load())
@@ -110,7 +113,9 @@ def test_docker_image_is_current_ray_gpu_image():
         repo, _, tag = image.partition(":")
         assert repo == "rayproject/ray", f"{image}: use rayproject/ray (ray-ml images are deprecated)"
         assert "ray-ml" not in image
-        assert tag.split("-")[0] == ray.__version__, f"{image}: tag must match the installed Ray {ray.__version__}"
+        assert tag.split("-")[0] == ray.__version__, (
+            f"{image}: tag must match the installed Ray {ray.__version__}"
+        )
     gpu_image = load()["docker"].get("worker_image") or load()["docker"]["image"]
     assert re.search(r"-(gpu|cu\d+)$", gpu_image), f"{gpu_image}: GPU workers need a CUDA image"
 
@@ -133,33 +138,92 @@ def test_setup_installs_seqrec_from_the_mounted_checkout():
 
 # -- typos must fail ---------------------------------------------------------------------------
 
+
 def _rename(d: dict[str, Any], old: str, new: str) -> None:
     d[new] = d.pop(old)
 
 
-def _typo_max_worker(c):            _rename(c["available_node_types"][GPU], "max_workers", "max_worker")
-def _typo_min_worker(c):            _rename(c["available_node_types"][GPU], "min_workers", "min_worker")
-def _typo_top_level(c):             _rename(c, "idle_timeout_minutes", "idle_timeout_minute")
-def _typo_docker_key(c):            _rename(c["docker"], "image", "imag")
-def _typo_auth_key(c):              _rename(c["auth"], "ssh_user", "ssh_usr")
-def _typo_provider_key(c):          _rename(c["provider"], "availability_zone", "availability_zones")
-def _typo_node_config_key(c):       _rename(c["available_node_types"][GPU]["node_config"], "InstanceType", "InstanceTyp")
-def _missing_resources(c):          del c["available_node_types"][GPU]["resources"]
-def _wrong_head_type(c):            c["head_node_type"] = "head"
-def _string_max_workers(c):         c["available_node_types"][GPU]["max_workers"] = "4"
-def _fractional_gpu(c):             c["available_node_types"][GPU]["resources"]["GPU"] = 0.5
-def _string_gpu(c):                 c["available_node_types"][GPU]["resources"]["GPU"] = "1"
-def _commands_not_a_list(c):        c["setup_commands"] = "pip install -e ~/seqrec"
-def _string_volume_size(c):         c["available_node_types"][GPU]["node_config"]["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] = "200GB"
-def _min_workers_over_global(c):    c["available_node_types"][GPU]["min_workers"] = c["max_workers"] + 1
+def _typo_max_worker(c):
+    _rename(c["available_node_types"][GPU], "max_workers", "max_worker")
 
 
-@pytest.mark.parametrize("break_it", [
-    _typo_max_worker, _typo_min_worker, _typo_top_level, _typo_docker_key, _typo_auth_key,
-    _typo_provider_key, _typo_node_config_key, _missing_resources, _wrong_head_type,
-    _string_max_workers, _fractional_gpu, _string_gpu, _commands_not_a_list, _string_volume_size,
-    _min_workers_over_global,
-], ids=lambda f: f.__name__.lstrip("_"))
+def _typo_min_worker(c):
+    _rename(c["available_node_types"][GPU], "min_workers", "min_worker")
+
+
+def _typo_top_level(c):
+    _rename(c, "idle_timeout_minutes", "idle_timeout_minute")
+
+
+def _typo_docker_key(c):
+    _rename(c["docker"], "image", "imag")
+
+
+def _typo_auth_key(c):
+    _rename(c["auth"], "ssh_user", "ssh_usr")
+
+
+def _typo_provider_key(c):
+    _rename(c["provider"], "availability_zone", "availability_zones")
+
+
+def _typo_node_config_key(c):
+    _rename(c["available_node_types"][GPU]["node_config"], "InstanceType", "InstanceTyp")
+
+
+def _missing_resources(c):
+    del c["available_node_types"][GPU]["resources"]
+
+
+def _wrong_head_type(c):
+    c["head_node_type"] = "head"
+
+
+def _string_max_workers(c):
+    c["available_node_types"][GPU]["max_workers"] = "4"
+
+
+def _fractional_gpu(c):
+    c["available_node_types"][GPU]["resources"]["GPU"] = 0.5
+
+
+def _string_gpu(c):
+    c["available_node_types"][GPU]["resources"]["GPU"] = "1"
+
+
+def _commands_not_a_list(c):
+    c["setup_commands"] = "pip install -e ~/seqrec"
+
+
+def _string_volume_size(c):
+    c["available_node_types"][GPU]["node_config"]["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] = "200GB"
+
+
+def _min_workers_over_global(c):
+    c["available_node_types"][GPU]["min_workers"] = c["max_workers"] + 1
+
+
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        _typo_max_worker,
+        _typo_min_worker,
+        _typo_top_level,
+        _typo_docker_key,
+        _typo_auth_key,
+        _typo_provider_key,
+        _typo_node_config_key,
+        _missing_resources,
+        _wrong_head_type,
+        _string_max_workers,
+        _fractional_gpu,
+        _string_gpu,
+        _commands_not_a_list,
+        _string_volume_size,
+        _min_workers_over_global,
+    ],
+    ids=lambda f: f.__name__.lstrip("_"),
+)
 def test_broken_config_is_rejected(break_it):
     import jsonschema
 
@@ -180,7 +244,7 @@ def test_readme_commands_name_configs_that_exist_and_load():
     assert "configs/prod.yaml" in named
     for path in named:
         assert (REPO / path).is_file(), f"README names {path}, which does not exist"
-        load_config(REPO / path)                      # unknown keys and bad choices raise
+        load_config(REPO / path)  # unknown keys and bad choices raise
 
 
 def test_prod_config_fits_the_cluster_node_types():
@@ -189,7 +253,7 @@ def test_prod_config_fits_the_cluster_node_types():
     prod = load_config(REPO / "configs" / "prod.yaml")
     gpu = load()["available_node_types"][GPU]
     node_cpus, node_gpus, nodes = gpu["resources"]["CPU"], gpu["resources"]["GPU"], gpu["max_workers"]
-    assert prod.train.use_gpu and prod.score.gpus_per_actor > 0      # the cluster's workers are GPU nodes
+    assert prod.train.use_gpu and prod.score.gpus_per_actor > 0  # the cluster's workers are GPU nodes
     # Every training worker and every scoring actor gets a place on the GPU nodes, with a CPU to spare
     # for Ray Data's input tasks on each node.
     assert prod.train.num_workers <= nodes * node_gpus

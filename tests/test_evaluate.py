@@ -19,20 +19,27 @@ import torch
 from seqrec.artifact import Artifact, load, save
 from seqrec.config import EvalConfig, ScoreConfig
 from seqrec.data import Vocabulary, user_sample
-from seqrec.evaluate import (Judged, evaluate, evaluate_models, evaluation_rows, popularity_metrics,
-                             split_batches, summary_table)
+from seqrec.evaluate import (
+    Judged,
+    evaluate,
+    evaluate_models,
+    evaluation_rows,
+    popularity_metrics,
+    split_batches,
+    summary_table,
+)
 from seqrec.model import build_model
 from seqrec.ranking import rank_unseen, user_metrics
 from seqrec.score import Recommender, unavailable_items
 from seqrec.storage import Storage
 
 NUM_ITEMS = 12
-WIDTH = 3          # the model's context: much shorter than the histories below
+WIDTH = 3  # the model's context: much shorter than the histories below
 
 
 def vocabulary() -> Vocabulary:
     vocab = Vocabulary.build(pa.array(np.arange(1, NUM_ITEMS + 1), pa.int64()), ["interaction"])
-    vocab.counts = np.concatenate([[0], np.arange(NUM_ITEMS, 0, -1)]).astype(np.int64)   # item 1 most popular
+    vocab.counts = np.concatenate([[0], np.arange(NUM_ITEMS, 0, -1)]).astype(np.int64)  # item 1 most popular
     return vocab
 
 
@@ -40,25 +47,33 @@ def long_histories(users: int = 20, seed: int = 0) -> pa.Table:
     """Each user has seen every item but two; their order (and so the target) is random."""
     rng = np.random.default_rng(seed)
     sequences = [list(rng.permutation(np.arange(1, NUM_ITEMS + 1))[: NUM_ITEMS - 1]) for _ in range(users)]
-    return pa.table({"user_id": np.arange(users), "item_ids": pa.array(sequences, pa.list_(pa.int64())),
-                     "event_types": pa.array([["interaction"] * len(s) for s in sequences], pa.list_(pa.string()))})
+    return pa.table(
+        {
+            "user_id": np.arange(users),
+            "item_ids": pa.array(sequences, pa.list_(pa.int64())),
+            "event_types": pa.array([["interaction"] * len(s) for s in sequences], pa.list_(pa.string())),
+        }
+    )
 
 
 def tiny_model():
     torch.manual_seed(0)
-    return build_model(NUM_ITEMS, hidden_size=8, num_layers=1, num_heads=2, max_len=WIDTH, dropout=0.0,
-                       num_event_types=1).eval()
+    return build_model(
+        NUM_ITEMS, hidden_size=8, num_layers=1, num_heads=2, max_len=WIDTH, dropout=0.0, num_event_types=1
+    ).eval()
 
 
 def test_popularity_ranks_the_target_among_unseen_items_only():
     # test target 5, history 1 2 3 6: the window (3 6) alone would leave items 1 and 2 above 5.
     sequences = pa.table({"item_ids": pa.array([[1, 2, 3, 6, 5]], pa.list_(pa.int64()))})
-    totals = popularity_metrics(split_batches(sequences, vocabulary(), width=2, holdout=0, batch_size=8),
-                                vocabulary(), ks=[1, 2])
-    assert totals["mrr"] == pytest.approx(1 / 2)             # only item 4 (more popular, unseen) is above it
-    val = popularity_metrics(split_batches(sequences, vocabulary(), width=2, holdout=1, batch_size=8),
-                             vocabulary(), ks=[1])
-    assert val["mrr"] == pytest.approx(1 / 3)                # target 6 among 4, 5, 6
+    totals = popularity_metrics(
+        split_batches(sequences, vocabulary(), width=2, holdout=0, batch_size=8), vocabulary(), ks=[1, 2]
+    )
+    assert totals["mrr"] == pytest.approx(1 / 2)  # only item 4 (more popular, unseen) is above it
+    val = popularity_metrics(
+        split_batches(sequences, vocabulary(), width=2, holdout=1, batch_size=8), vocabulary(), ks=[1]
+    )
+    assert val["mrr"] == pytest.approx(1 / 3)  # target 6 among 4, 5, 6
 
 
 def test_model_evaluation_excludes_the_whole_history():
@@ -69,7 +84,7 @@ def test_model_evaluation_excludes_the_whole_history():
         assert metrics[split]["users"] == 20
         assert metrics[split]["model"][f"hr@{k}"] == 1.0
         assert metrics[split]["popularity"][f"hr@{k}"] == 1.0
-    assert metrics["val"]["model"]["hr@2"] < 1.0                       # not trivially everything
+    assert metrics["val"]["model"]["hr@2"] < 1.0  # not trivially everything
 
 
 def test_training_validation_rows_carry_the_whole_history():
@@ -77,20 +92,25 @@ def test_training_validation_rows_carry_the_whole_history():
     rows = evaluation_rows(sequences, vocabulary(), WIDTH, holdout=1, seen_width=NUM_ITEMS)
     assert rows["items"].shape == (4, WIDTH + 1)
     for row, seen, items in zip(rows["items"], rows["seen"], sequences["item_ids"].to_pylist()):
-        assert row[-1] == items[-2]                                        # validation target
-        assert sorted(seen[seen > 0].tolist()) == sorted(items[:-2])       # all of the history before it
+        assert row[-1] == items[-2]  # validation target
+        assert sorted(seen[seen > 0].tolist()) == sorted(items[:-2])  # all of the history before it
 
 
 def test_scoring_never_recommends_an_item_seen_before_the_models_context(tmp_path):
     storage = Storage(str(tmp_path))
     vocab = vocabulary()
     save(storage, Artifact(version="v1", model=tiny_model(), vocab=vocab, metrics={}, manifest={}))
-    recommender = Recommender(str(tmp_path), "v1", k=NUM_ITEMS, never_recommend=np.zeros(NUM_ITEMS + 1, dtype=bool),
-                              generated_at=dt.datetime.now(dt.timezone.utc))
+    recommender = Recommender(
+        str(tmp_path),
+        "v1",
+        k=NUM_ITEMS,
+        never_recommend=np.zeros(NUM_ITEMS + 1, dtype=bool),
+        generated_at=dt.datetime.now(dt.UTC),
+    )
     sequences = long_histories(users=5, seed=1)
     out = recommender(sequences)
     for items, recommended in zip(sequences["item_ids"].to_pylist(), out["items"].to_pylist()):
-        assert sorted(recommended) == sorted(set(range(1, NUM_ITEMS + 1)) - set(items))   # the one unseen item
+        assert sorted(recommended) == sorted(set(range(1, NUM_ITEMS + 1)) - set(items))  # the one unseen item
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,15 +128,20 @@ def pool_sequences(users: int = 240, seed: int = 3) -> pa.Table:
     items = np.arange(1, POOL_ITEMS + 1)
     sequences = [list(rng.choice(items, size=n, p=weights / weights.sum())) for n in lengths]
     types = [["interaction"] * len(s) for s in sequences]
-    return pa.table({"user_id": pa.array(np.arange(1000, 1000 + users), pa.int64()),
-                     "item_ids": pa.array(sequences, pa.list_(pa.int64())),
-                     "event_types": pa.array(types, pa.list_(pa.string()))})
+    return pa.table(
+        {
+            "user_id": pa.array(np.arange(1000, 1000 + users), pa.int64()),
+            "item_ids": pa.array(sequences, pa.list_(pa.int64())),
+            "event_types": pa.array(types, pa.list_(pa.string())),
+        }
+    )
 
 
 def pool_model(vocab: Vocabulary, seed: int):
     torch.manual_seed(seed)
-    return build_model(vocab.num_items, hidden_size=8, num_layers=1, num_heads=2, max_len=6, dropout=0.0,
-                       num_event_types=1).eval()
+    return build_model(
+        vocab.num_items, hidden_size=8, num_layers=1, num_heads=2, max_len=6, dropout=0.0, num_event_types=1
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -128,13 +153,13 @@ def judged_night(tmp_path_factory):
     storage.write_table(sequences.slice(0, 100), "sequences", f"dt={DATE}", "part-0.parquet")
     storage.write_table(sequences.slice(100), "sequences", f"dt={DATE}", "part-1.parquet")
     item_ids = np.arange(1, POOL_ITEMS + 1)
-    catalogue = pa.table({"item_id": item_ids, "available": item_ids > 3})       # the 3 most popular: off
+    catalogue = pa.table({"item_id": item_ids, "available": item_ids > 3})  # the 3 most popular: off
     storage.write_table(catalogue, "items", "catalogue.parquet")
     vocabs = {}
     for name, known, seed in (("cand", POOL_ITEMS, 0), ("live", POOL_ITEMS - 5, 1)):
         vocab = Vocabulary.build(pa.array(item_ids[:known]), ["interaction"])
         counts = np.bincount(pc.list_flatten(sequences["item_ids"]).to_numpy(), minlength=POOL_ITEMS + 1)
-        vocab.counts = np.concatenate([[0], counts[1:known + 1]]).astype(np.int64)
+        vocab.counts = np.concatenate([[0], counts[1 : known + 1]]).astype(np.int64)
         save(storage, Artifact(version=name, model=pool_model(vocab, seed), vocab=vocab))
         vocabs[name] = vocab
     return storage, sequences
@@ -146,8 +171,14 @@ JUDGED = [Judged("candidate", "cand"), Judged("live", "live", splits=("val",))]
 
 def in_process(storage: Storage, sequences: pa.Table, version: str, config: EvalConfig, splits) -> dict:
     loaded = load(storage, version)
-    return evaluate(loaded.model, loaded.vocab, sequences, config, splits=splits,
-                    never_recommend=unavailable_items(storage, loaded.vocab))
+    return evaluate(
+        loaded.model,
+        loaded.vocab,
+        sequences,
+        config,
+        splits=splits,
+        never_recommend=unavailable_items(storage, loaded.vocab),
+    )
 
 
 def assert_same_metrics(pool: dict, reference: dict, splits) -> None:
@@ -178,8 +209,14 @@ def test_pool_metrics_equal_in_process_evaluation_with_unavailable_items(ray_loc
     batch = next(split_batches(sequences, loaded.vocab, 6, holdout=0, batch_size=10_000))
     popularity = torch.from_numpy(loaded.vocab.popularity())[:, None]
     never = torch.from_numpy(unavailable_items(storage, loaded.vocab))
-    ranks = rank_unseen(torch.ones(len(batch["items"]), 1), popularity, batch["seen"], 10, excluded=never,
-                        targets=batch["items"][:, -1]).target_rank
+    ranks = rank_unseen(
+        torch.ones(len(batch["items"]), 1),
+        popularity,
+        batch["seen"],
+        10,
+        excluded=never,
+        targets=batch["items"][:, -1],
+    ).target_rank
     stderr = results["candidate"]["test"]["stderr"]
     for name, values in user_metrics(ranks, [5, 10]).items():
         values = values.double().numpy()
@@ -190,7 +227,7 @@ def test_pool_metrics_equal_in_process_evaluation_with_unavailable_items(ray_loc
         for who in ("model", "popularity"):
             assert set(result["stderr"][who]) == set(result[who])
             assert all(0 < se < 0.1 for se in result["stderr"][who].values())
-            for k in (5, 10):          # a hit is 0 or 1: its standard error is sqrt(p (1 - p) / (n - 1))
+            for k in (5, 10):  # a hit is 0 or 1: its standard error is sqrt(p (1 - p) / (n - 1))
                 hr = result[who][f"hr@{k}"]
                 expected = np.sqrt(hr * (1 - hr) / (result["users"] - 1))
                 assert result["stderr"][who][f"hr@{k}"] == pytest.approx(expected)
@@ -200,8 +237,8 @@ def test_pool_metrics_equal_in_process_evaluation_with_unavailable_items(ray_loc
 def test_hash_sample_is_stable_and_the_same_users_for_every_model(ray_local, judged_night):
     storage, sequences = judged_night
     ids = sequences["user_id"]
-    assert np.array_equal(user_sample(ids, 0.4), user_sample(ids, 0.4))            # stable
-    assert not (user_sample(ids, 0.2) & ~user_sample(ids, 0.4)).any()            # nested in the share
+    assert np.array_equal(user_sample(ids, 0.4), user_sample(ids, 0.4))  # stable
+    assert not (user_sample(ids, 0.2) & ~user_sample(ids, 0.4)).any()  # nested in the share
     assert 60 < user_sample(ids, 0.4).sum() < 130
     as_text = pa.array([str(u) for u in ids.to_pylist()])
     assert np.array_equal(user_sample(as_text, 0.4), user_sample(as_text, 0.4))
@@ -209,15 +246,21 @@ def test_hash_sample_is_stable_and_the_same_users_for_every_model(ray_local, jud
     config = EvalConfig(ks=[5, 10], batch_size=16, max_users=96)
     results = evaluate_models(storage, DATE, JUDGED, config, POOL)
     chosen = sequences.filter(pa.array(user_sample(ids, 96 / 240)))
-    assert results["candidate"]["sample"] == results["live"]["sample"] == {
-        "max_users": 96, "fraction": 0.4, "users": chosen.num_rows, "of": 240}
+    assert (
+        results["candidate"]["sample"]
+        == results["live"]["sample"]
+        == {"max_users": 96, "fraction": 0.4, "users": chosen.num_rows, "of": 240}
+    )
     # The in-process path samples the same users: the metrics agree, for both models.
     for judged in JUDGED:
         reference = in_process(storage, sequences, judged.version, config, judged.splits)
         assert_same_metrics(results[judged.name], reference, judged.splits)
         everyone = EvalConfig(ks=[5, 10], max_users=0)
-        assert_same_metrics(results[judged.name], in_process(storage, chosen, judged.version, everyone,
-                                                             judged.splits), judged.splits)
+        assert_same_metrics(
+            results[judged.name],
+            in_process(storage, chosen, judged.version, everyone, judged.splits),
+            judged.splits,
+        )
     # A re-run judges the same users (sums may be added in another order: the last bits may differ).
     again = evaluate_models(storage, DATE, JUDGED[:1], config, POOL)["candidate"]["val"]
     assert again["users"] == results["candidate"]["val"]["users"]

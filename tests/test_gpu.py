@@ -22,7 +22,8 @@ from seqrec.synthetic import SyntheticSpec, write_synthetic
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="no CUDA device: train.use_gpu, score.gpus_per_actor and bf16 scoring are not exercised here "
-           "(run tests/test_gpu.py on a GPU machine)")
+    "(run tests/test_gpu.py on a GPU machine)",
+)
 
 SPEC = SyntheticSpec(num_users=400, num_items=100, mean_events=20, days=1, end_date="2024-03-01", bad_rows=0)
 
@@ -34,14 +35,29 @@ def test_gpu_training_and_bf16_scoring_agree_with_cpu(ray_local, tmp_path):
     storage = Storage(str(tmp_path / "root"))
     write_synthetic(storage, SPEC)
     prepare(storage, SPEC.end_date, load_config("configs/demo.yaml").prepare)
-    config = load_config("configs/demo.yaml", ["train.use_gpu=true", "train.num_workers=1", "train.epochs=3",
-                                               "train.patience=3", "model.max_len=30", "score.cpus_per_actor=0.5"])
+    config = load_config(
+        "configs/demo.yaml",
+        [
+            "train.use_gpu=true",
+            "train.num_workers=1",
+            "train.epochs=3",
+            "train.patience=3",
+            "model.max_len=30",
+            "score.cpus_per_actor=0.5",
+        ],
+    )
     sequences = read_sequences(storage, SPEC.end_date, columns=["user_id", "item_ids", "event_types"])
     from seqrec.training import train
 
-    result = train(storage, sequences, model_config=config.model, train_config=config.train,
-                   prepare_config=config.prepare, run_name="train-gpu")
-    assert result.best_val["val_ndcg@10"] > 0.2                   # it learned the planted chains on the GPU
+    result = train(
+        storage,
+        sequences,
+        model_config=config.model,
+        train_config=config.train,
+        prepare_config=config.prepare,
+        run_name="train-gpu",
+    )
+    assert result.best_val["val_ndcg@10"] > 0.2  # it learned the planted chains on the GPU
     version = "2024-03-01-gpu"
     artifact.save(storage, artifact.Artifact(version=version, model=result.model, vocab=result.vocab))
 
@@ -52,11 +68,19 @@ def test_gpu_training_and_bf16_scoring_agree_with_cpu(ray_local, tmp_path):
     gpu_table = read_recommendations(storage, SPEC.end_date)
     assert cpu.rows == gpu.rows == sequences.num_rows
     cpu_items = dict(zip(cpu_table["user_id"].to_pylist(), cpu_table["items"].to_pylist()))
-    overlap = [len(set(items) & set(cpu_items[user])) / len(items)
-               for user, items in zip(gpu_table["user_id"].to_pylist(), gpu_table["items"].to_pylist())]
-    assert np.mean(overlap) > 0.9                                  # bf16 changes near-ties only
+    overlap = [
+        len(set(items) & set(cpu_items[user])) / len(items)
+        for user, items in zip(gpu_table["user_id"].to_pylist(), gpu_table["items"].to_pylist())
+    ]
+    assert np.mean(overlap) > 0.9  # bf16 changes near-ties only
 
     loaded = artifact.load(storage, version)
-    recommender = Recommender(storage.root, version, 10, unavailable_items(storage, loaded.vocab),
-                              dt.datetime.now(dt.timezone.utc), device="cuda")
+    recommender = Recommender(
+        storage.root,
+        version,
+        10,
+        unavailable_items(storage, loaded.vocab),
+        dt.datetime.now(dt.UTC),
+        device="cuda",
+    )
     assert recommender.device.type == "cuda" and recommender.model.dtype == torch.bfloat16

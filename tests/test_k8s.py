@@ -24,16 +24,21 @@ MANIFESTS = {"RayJob": REPO / "k8s" / "rayjob.yaml", "RayCronJob": REPO / "k8s" 
 CRDS = {"RayJob": "ray.io_rayjobs.yaml", "RayCronJob": "ray.io_raycronjobs.yaml"}
 
 jsonschema = pytest.importorskip("jsonschema")
-pytestmark = pytest.mark.skipif(not KUBERAY.is_dir(), reason=f"KubeRay CRD schemas not found at {KUBERAY} "
-                                "(CI checks the repository out beside shared/)")
+pytestmark = pytest.mark.skipif(
+    not KUBERAY.is_dir(),
+    reason=f"KubeRay CRD schemas not found at {KUBERAY} (CI checks the repository out beside shared/)",
+)
 
 
 def _closed(schema: Any) -> Any:
     """``schema`` with unknown keys refused wherever it lists the known ones."""
     if isinstance(schema, dict):
         schema = {k: _closed(v) for k, v in schema.items()}
-        if ("properties" in schema and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
         return schema
     if isinstance(schema, list):
@@ -124,11 +129,24 @@ def test_the_date_is_passed_in():
     assert spec["jobTemplate"]["activeDeadlineSeconds"] < 24 * 3600, "two nights must never overlap"
 
 
-def _typo_top(m):          m["spec"]["shutdownAfterJobFinish"] = m["spec"].pop("shutdownAfterJobFinishes")
-def _typo_container(m):    _containers(m["spec"])[0]["imag"] = _containers(m["spec"])[0].pop("image")
-def _wrong_type(m):        m["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "2"
-def _missing_group(m):     del m["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"]
-def _bad_secret_ref(m):    _containers(m["spec"])[0]["env"][2]["valueFrom"] = {"secretRef": {"name": "x"}}
+def _typo_top(m):
+    m["spec"]["shutdownAfterJobFinish"] = m["spec"].pop("shutdownAfterJobFinishes")
+
+
+def _typo_container(m):
+    _containers(m["spec"])[0]["imag"] = _containers(m["spec"])[0].pop("image")
+
+
+def _wrong_type(m):
+    m["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "2"
+
+
+def _missing_group(m):
+    del m["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"]
+
+
+def _bad_secret_ref(m):
+    _containers(m["spec"])[0]["env"][2]["valueFrom"] = {"secretRef": {"name": "x"}}
 
 
 BREAKAGES = [_typo_top, _typo_container, _wrong_type, _missing_group, _bad_secret_ref]

@@ -80,14 +80,14 @@ def test_hold_night_is_reentrant_in_one_process(storage):
 
 def _race(root: str, env: dict[str, str], ready, tried, results) -> None:
     os.environ.update(env)
-    lease = Lease(Storage(root), DATE, ttl_s=30)     # S3: the client is built and the store probed here
-    ready.wait(timeout=60)                           # spawned interpreters are slow to start: then all go
+    lease = Lease(Storage(root), DATE, ttl_s=30)  # S3: the client is built and the store probed here
+    ready.wait(timeout=60)  # spawned interpreters are slow to start: then all go
     try:
         lease.acquire()
         results.put("won")
     except LeaseHeld:
         results.put("refused")
-    tried.wait(timeout=60)                           # the winner holds on until every process has tried
+    tried.wait(timeout=60)  # the winner holds on until every process has tried
     lease.release()
 
 
@@ -110,7 +110,7 @@ def test_a_renewal_whose_reply_was_lost_keeps_the_lease(storage):
         lease._stop.set()
         lease._thread.join()
         data, _ = lease._store.read()
-        lease._token = lease._store.replace(data, lease._token)   # the renewal that happened ...
+        lease._token = lease._store.replace(data, lease._token)  # the renewal that happened ...
         lease._token = b"stale" if not storage.is_s3 else '"0123456789abcdef"'  # ... and its lost reply
-        lease.check()                                              # still ours: no LeaseLost
+        lease.check()  # still ours: no LeaseLost
         assert Holder.loads(lease._store.read()[0]).run_id == lease.run_id

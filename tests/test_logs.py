@@ -27,10 +27,14 @@ def test_filter_drops_only_the_known_harmless():
     def passes(message: str) -> bool:
         return harmless.filter(logging.LogRecord("ray", logging.WARNING, __file__, 1, message, None, None))
 
-    assert not passes("Failed to query Ray Train Controller actor state. State API may be temporarily "
-                      "unavailable. Continuing to monitor.")
-    assert not passes("core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches(Recommender))' and "
-                      "ID: '1a56' has constructor arguments in the object store and max_restarts > 0. If ...")
+    assert not passes(
+        "Failed to query Ray Train Controller actor state. State API may be temporarily "
+        "unavailable. Continuing to monitor."
+    )
+    assert not passes(
+        "core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches(Recommender))' and "
+        "ID: '1a56' has constructor arguments in the object store and max_restarts > 0. If ..."
+    )
     assert passes("Worker (pid=123) crashed: SIGKILL")
     assert passes("rank 0 resumed from epoch 3")
     assert all(reason for _, reason in KNOWN_HARMLESS), "every dropped line says why it is harmless"
@@ -40,16 +44,44 @@ def test_filter_drops_only_the_known_harmless():
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # a whole night in a subprocess, maybe twice (see below)
 def test_demo_night_prints_the_story_without_rays_harmless_lines(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_DEDUP", "RAY_DATA_LOGGING", "RAY_ADDRESS"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RAY_DEDUP", "RAY_DATA_LOGGING", "RAY_ADDRESS"))
+    }
     env.update(RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "seqrec", "nightly", "--demo", "--root", str(tmp_path / "root"),
-               "--config", "configs/demo.yaml", "--show", "2", "--set", "train.epochs=2",
-               "--set", "model.max_len=20", "--set", "prepare.max_len=20", "--set", "score.batch_size=256"]
+    command = [
+        sys.executable,
+        "-m",
+        "seqrec",
+        "nightly",
+        "--demo",
+        "--root",
+        str(tmp_path / "root"),
+        "--config",
+        "configs/demo.yaml",
+        "--show",
+        "2",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "model.max_len=20",
+        "--set",
+        "prepare.max_len=20",
+        "--set",
+        "score.batch_size=256",
+    ]
     for attempt in range(2):
         # stdout and stderr in one stream, in the order a person sees them.
-        done = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=900)
+        done = subprocess.run(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=900,
+        )
         output = done.stdout
         # Ray gives its raylet a fixed 30 s to register; a loaded CI host can miss that once.
         if attempt or "The current node timed out during startup" not in output:
@@ -60,8 +92,13 @@ def test_demo_night_prints_the_story_without_rays_harmless_lines(tmp_path):
     shown = [i for i, line in enumerate(lines) if harmless.search(line)]
     # The one line Ray's C++ core prints in the driver process itself cannot be filtered; seqrec
     # explains it just before.
-    explained = [i for i in shown if "core_worker.cc" in lines[i] and "constructor arguments" in lines[i]
-                 and any("harmless here (ray issue 53727)" in line for line in lines[:i])]
+    explained = [
+        i
+        for i in shown
+        if "core_worker.cc" in lines[i]
+        and "constructor arguments" in lines[i]
+        and any("harmless here (ray issue 53727)" in line for line in lines[:i])
+    ]
     assert shown == explained, "\n".join(lines[i] for i in shown)
     for stage in ("prepare", "train", "evaluate", "score"):
         assert f"== {stage} ==" in output

@@ -14,7 +14,7 @@ NUM_ITEMS, HIDDEN, POSITIONS = 30, 8, 12
 def inputs(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(POSITIONS, HIDDEN, generator=g, requires_grad=True)
-    items = torch.randn(NUM_ITEMS + 1, HIDDEN, generator=g, requires_grad=True)   # row 0: padding
+    items = torch.randn(NUM_ITEMS + 1, HIDDEN, generator=g, requires_grad=True)  # row 0: padding
     labels = torch.randint(1, NUM_ITEMS + 1, (POSITIONS,), generator=g)
     return hidden, labels, items
 
@@ -42,8 +42,10 @@ def test_each_loss_is_a_finite_scalar_with_gradients(name):
 def test_full_ce_equals_cross_entropy_by_hand():
     hidden, labels, items = inputs(1)
     logits = hidden @ items.T
-    logits = logits[:, 1:]                       # padding removed: classes 1..N
-    expected = torch.stack([torch.logsumexp(logits[p], 0) - logits[p, labels[p] - 1] for p in range(POSITIONS)]).mean()
+    logits = logits[:, 1:]  # padding removed: classes 1..N
+    expected = torch.stack(
+        [torch.logsumexp(logits[p], 0) - logits[p, labels[p] - 1] for p in range(POSITIONS)]
+    ).mean()
     torch.testing.assert_close(full_ce(hidden, labels, items), expected)
     torch.testing.assert_close(full_ce(hidden, labels, items), F.cross_entropy(logits, labels - 1))
 
@@ -66,7 +68,7 @@ def test_chunked_ce_matches_autograd_of_the_unfused_loss(chunk):
     torch.testing.assert_close(got, expected)
     for g, e in zip(got_grads, exp_grads):
         torch.testing.assert_close(g, e)
-    assert got_grads[1][0].abs().max() == 0      # padding row gets no gradient
+    assert got_grads[1][0].abs().max() == 0  # padding row gets no gradient
 
 
 def test_chunked_ce_under_bf16_autocast_is_close_to_float32():
@@ -85,12 +87,12 @@ def test_chunked_ce_under_bf16_autocast_is_close_to_float32():
 def test_full_ce_ignores_the_padding_row():
     hidden, labels, items = inputs(2)
     boosted = items.detach().clone()
-    boosted[0] = hidden.detach().mean(0) * 100   # padding would win every softmax if it counted
+    boosted[0] = hidden.detach().mean(0) * 100  # padding would win every softmax if it counted
     torch.testing.assert_close(full_ce(hidden, labels, boosted), full_ce(hidden, labels, items))
 
 
 def test_full_ce_is_perfect_when_the_label_dominates():
-    items = torch.eye(NUM_ITEMS + 1)[:, :NUM_ITEMS + 1] * 50
+    items = torch.eye(NUM_ITEMS + 1)[:, : NUM_ITEMS + 1] * 50
     labels = torch.arange(1, NUM_ITEMS + 1)
     hidden = torch.eye(NUM_ITEMS + 1)[labels]
     assert full_ce(hidden, labels, items).item() < 1e-6
@@ -103,7 +105,7 @@ def test_sampled_ce_uniform_log_q_is_softmax_over_sampled_items():
     loss = sampled_ce(hidden, labels, items, log_q, num_negatives=10)
     torch.manual_seed(5)
     negatives = torch.multinomial(log_q.exp(), 10, replacement=True)
-    assert (negatives > 0).all()                 # padding is never sampled
+    assert (negatives > 0).all()  # padding is never sampled
     pos = (hidden * items[labels]).sum(-1, keepdim=True)
     neg = (hidden @ items[negatives].T).masked_fill(negatives[None, :] == labels[:, None], float("-inf"))
     # A uniform correction shifts every logit by the same constant: the softmax is unchanged.
@@ -114,7 +116,7 @@ def test_sampled_ce_uniform_log_q_is_softmax_over_sampled_items():
 def test_sampled_ce_with_popularity_log_q_is_finite_and_shift_invariant():
     hidden, labels, items = inputs(4)
     popular = uniform_log_q()
-    popular[1:] = torch.log_softmax(torch.linspace(3, 0, NUM_ITEMS), 0)   # item 1 most popular
+    popular[1:] = torch.log_softmax(torch.linspace(3, 0, NUM_ITEMS), 0)  # item 1 most popular
     flat = uniform_log_q()
     torch.manual_seed(0)
     a = sampled_ce(hidden, labels, items, popular, num_negatives=20)
@@ -135,7 +137,7 @@ def test_sampled_ce_log_q_correction_matches_an_explicit_reference():
     """
     hidden, labels, items = inputs(5)
     log_q = uniform_log_q()
-    log_q[1:] = torch.log_softmax(torch.linspace(4, 0, NUM_ITEMS), 0)      # item 1 ~50x item N
+    log_q[1:] = torch.log_softmax(torch.linspace(4, 0, NUM_ITEMS), 0)  # item 1 ~50x item N
     torch.manual_seed(13)
     loss = sampled_ce(hidden, labels, items, log_q, num_negatives=16)
     torch.manual_seed(13)
@@ -154,7 +156,7 @@ def test_sampled_ce_log_q_correction_matches_an_explicit_reference():
     expected = reference(1.0, 1.0)
     torch.testing.assert_close(loss, expected)
     for broken in (reference(0.0, 0.0), reference(-1.0, -1.0), reference(0.0, 1.0), reference(1.0, 0.0)):
-        assert (broken - expected).abs() > 1e-2          # each mutation is distinguishable here
+        assert (broken - expected).abs() > 1e-2  # each mutation is distinguishable here
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -165,9 +167,18 @@ def test_loss_decreases_when_the_positive_score_grows(name):
     base = torch.randn(POSITIONS, NUM_ITEMS + 1, generator=torch.Generator().manual_seed(7))
     values = []
     for scale in (0.0, 2.0, 8.0):
-        torch.manual_seed(11)                            # same negatives each time
-        values.append(item_loss(name, base + scale * items[labels], labels, items, log_q=uniform_log_q(),
-                                num_negatives=8, gbce_t=0.75).item())
+        torch.manual_seed(11)  # same negatives each time
+        values.append(
+            item_loss(
+                name,
+                base + scale * items[labels],
+                labels,
+                items,
+                log_q=uniform_log_q(),
+                num_negatives=8,
+                gbce_t=0.75,
+            ).item()
+        )
     assert all(torch.isfinite(torch.tensor(values)))
     assert values[0] > values[1] > values[2]
 
@@ -182,7 +193,7 @@ def test_gbce_t0_is_plain_bce_with_the_same_negatives():
     neg = torch.einsum("ph,pmh->pm", hidden, items[negatives])
     pos_bce = F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos), reduction="none")
     neg_bce = F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg), reduction="none")
-    neg_bce = neg_bce.masked_fill(negatives == labels[:, None], 0.0)     # accidental hits are not negatives
+    neg_bce = neg_bce.masked_fill(negatives == labels[:, None], 0.0)  # accidental hits are not negatives
     torch.testing.assert_close(loss, (pos_bce + neg_bce.sum(1)).mean())
 
 

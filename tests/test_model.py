@@ -19,17 +19,22 @@ TYPES = ["view", "click", "cart"]
 
 def tiny(kind: str, text_dim: int = 0, dropout: float = 0.0, seed: int = 0) -> SeqRecModel:
     torch.manual_seed(seed)
-    return build_model(NUM_ITEMS, kind=kind, hidden_size=HIDDEN, num_layers=2, num_heads=2, max_len=WIDTH,
-                       dropout=dropout, num_event_types=len(TYPES), text_dim=text_dim)
+    return build_model(
+        NUM_ITEMS,
+        kind=kind,
+        hidden_size=HIDDEN,
+        num_layers=2,
+        num_heads=2,
+        max_len=WIDTH,
+        dropout=dropout,
+        num_event_types=len(TYPES),
+        text_dim=text_dim,
+    )
 
 
 # Left-padded rows: a short history, an empty row, a full row.
-ITEMS = torch.tensor([[0, 0, 0, 0, 0, 3, 4, 5],
-                      [0, 0, 0, 0, 0, 0, 0, 0],
-                      [1, 2, 3, 4, 5, 6, 7, 8]])
-TYPES_IN = torch.tensor([[0, 0, 0, 0, 0, 1, 2, 3],
-                         [0, 0, 0, 0, 0, 0, 0, 0],
-                         [1, 1, 1, 2, 2, 2, 3, 3]])
+ITEMS = torch.tensor([[0, 0, 0, 0, 0, 3, 4, 5], [0, 0, 0, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]])
+TYPES_IN = torch.tensor([[0, 0, 0, 0, 0, 1, 2, 3], [0, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 2, 2, 2, 3, 3]])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -41,8 +46,8 @@ def test_forward_shapes_and_no_nan_with_left_padding(kind):
     users = model.user_vectors(ITEMS, TYPES_IN)
     assert users.shape == (3, HIDDEN)
     torch.testing.assert_close(users, hidden[:, -1])
-    assert model.item_table().shape == (NUM_ITEMS + 2, HIDDEN)     # padding, items, [MASK]
-    assert model(ITEMS).hidden.shape == (3, WIDTH, HIDDEN)          # event types are optional
+    assert model.item_table().shape == (NUM_ITEMS + 2, HIDDEN)  # padding, items, [MASK]
+    assert model(ITEMS).hidden.shape == (3, WIDTH, HIDDEN)  # event types are optional
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -56,8 +61,8 @@ def test_rows_do_not_influence_each_other(kind):
 def test_causal_state_ignores_later_items():
     model = tiny("causal").eval()
     changed = ITEMS.clone()
-    changed[:, -1] = 11                    # a different newest item
-    changed[2, 5] = 12                     # and, for row 2, an earlier one too
+    changed[:, -1] = 11  # a different newest item
+    changed[2, 5] = 12  # and, for row 2, an earlier one too
     before, after = model(ITEMS, TYPES_IN).hidden, model(changed, TYPES_IN).hidden
     torch.testing.assert_close(before[0, :-1], after[0, :-1])
     torch.testing.assert_close(before[2, :5], after[2, :5])
@@ -70,7 +75,7 @@ def test_bidirectional_state_depends_on_later_items():
     changed = ITEMS.clone()
     changed[:, -1] = 11
     before, after = model(ITEMS, TYPES_IN).hidden, model(changed, TYPES_IN).hidden
-    assert (before[0, 5] - after[0, 5]).abs().max() > 1e-4       # an earlier real position sees the change
+    assert (before[0, 5] - after[0, 5]).abs().max() > 1e-4  # an earlier real position sees the change
     assert (before[2, 0] - after[2, 0]).abs().max() > 1e-4
 
 
@@ -80,7 +85,9 @@ def test_padding_content_is_ignored():
         model = tiny(kind).eval()
         noisy_types = TYPES_IN.clone()
         noisy_types[0, :5] = 2
-        torch.testing.assert_close(model(ITEMS, TYPES_IN).hidden[0, 5:], model(ITEMS, noisy_types).hidden[0, 5:])
+        torch.testing.assert_close(
+            model(ITEMS, TYPES_IN).hidden[0, 5:], model(ITEMS, noisy_types).hidden[0, 5:]
+        )
 
 
 def test_unknown_kind_is_rejected():
@@ -97,7 +104,11 @@ def test_save_pretrained_round_trip_is_exact(kind, tmp_path):
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").exists()
     loaded = SeqRecModel.from_pretrained(tmp_path).eval()
     assert loaded.config.kind == kind
-    assert (loaded.config.num_items, loaded.config.text_dim, loaded.config.num_event_types) == (NUM_ITEMS, 6, 3)
+    assert (loaded.config.num_items, loaded.config.text_dim, loaded.config.num_event_types) == (
+        NUM_ITEMS,
+        6,
+        3,
+    )
     original, restored = model.state_dict(), loaded.state_dict()
     assert set(original) == set(restored)
     for key in original:
@@ -154,7 +165,7 @@ def test_training_step_reduces_the_loss(kind, loss):
 
     def measured() -> float:
         values = []
-        for seed in range(4):                # the same masks and negatives for every measurement
+        for seed in range(4):  # the same masks and negatives for every measurement
             torch.manual_seed(100 + seed)
             with torch.no_grad():
                 values.append(training_step_loss(model, model, items, types, config, log_q).item())
@@ -194,11 +205,11 @@ def member(ensemble: SeqRecModel, m: int) -> SeqRecModel:
             if m == 0:
                 state[key] = value
         elif key == "text_projection.weight":
-            state[key] = value[m * h:(m + 1) * h]
+            state[key] = value[m * h : (m + 1) * h]
         elif key == "text_features":
             state[key] = value
-        else:                                                            # item and event tables
-            state[key] = value[:, m * h:(m + 1) * h]
+        else:  # item and event tables
+            state[key] = value[:, m * h : (m + 1) * h]
     single.load_state_dict(state)
     return single
 
@@ -206,12 +217,22 @@ def member(ensemble: SeqRecModel, m: int) -> SeqRecModel:
 @pytest.mark.parametrize("kind", KINDS)
 def test_an_ensemble_scores_by_the_sum_of_its_independently_trained_members(kind):
     torch.manual_seed(0)
-    ensemble = build_model(NUM_ITEMS, kind=kind, hidden_size=8, num_layers=1, num_heads=2, max_len=WIDTH,
-                           dropout=0.0, num_event_types=len(TYPES), text_dim=4, members=3).eval()
+    ensemble = build_model(
+        NUM_ITEMS,
+        kind=kind,
+        hidden_size=8,
+        num_layers=1,
+        num_heads=2,
+        max_len=WIDTH,
+        dropout=0.0,
+        num_event_types=len(TYPES),
+        text_dim=4,
+        members=3,
+    ).eval()
     with torch.no_grad():
         ensemble.text_features.copy_(torch.randn(NUM_ITEMS + 2, 4))
     members = [member(ensemble, m) for m in range(3)]
-    assert not torch.allclose(members[0].item_table(), members[1].item_table())   # seeded apart
+    assert not torch.allclose(members[0].item_table(), members[1].item_table())  # seeded apart
     scores = ensemble.user_vectors(ITEMS, TYPES_IN) @ ensemble.item_table().T
     expected = sum(m.user_vectors(ITEMS, TYPES_IN) @ m.item_table().T for m in members)
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
@@ -222,7 +243,7 @@ def test_an_ensemble_scores_by_the_sum_of_its_independently_trained_members(kind
     loss = training_step_loss(ensemble, ensemble, items, types, config, None)
     separate = []
     for m in members:
-        torch.manual_seed(1)                                             # the same masks
+        torch.manual_seed(1)  # the same masks
         separate.append(training_step_loss(m, m, items, types, config, None))
     torch.testing.assert_close(loss, sum(separate), rtol=1e-5, atol=1e-5)
 
@@ -257,14 +278,15 @@ def test_scaled_embeddings_multiply_the_item_signal_only():
     torch.manual_seed(0)
     plain = build_model(10, hidden_size=16, num_layers=1, max_len=6, dropout=0.0, scale_embeddings=False)
     scaled = build_model(10, hidden_size=16, num_layers=1, max_len=6, dropout=0.0)
-    assert scaled.config.scale_embeddings                      # what a night builds
+    assert scaled.config.scale_embeddings  # what a night builds
     scaled.load_state_dict(plain.state_dict())
     items = torch.tensor([[0, 0, 3, 4, 5, 6]])
     seen = {}
     for name, model in (("plain", plain), ("scaled", scaled)):
         model.eval()
-        model.backbone.register_forward_pre_hook(lambda m, a, kw, name=name: seen.__setitem__(name, kw["inputs_embeds"]),
-                                                 with_kwargs=True)
+        model.backbone.register_forward_pre_hook(
+            lambda m, a, kw, name=name: seen.__setitem__(name, kw["inputs_embeds"]), with_kwargs=True
+        )
         model(items)
     torch.testing.assert_close(seen["scaled"], seen["plain"] * math.sqrt(16))
 
@@ -279,14 +301,14 @@ def test_id_dropout_makes_the_text_projection_carry_items(id_dropout, ids_learn)
     items, types = overfit_batch()
     loss = training_step_loss(model, model, items, types, TrainConfig(loss="ce", id_dropout=id_dropout), None)
     loss.backward()
-    id_grad = model.item_embedding.weight.grad[1:NUM_ITEMS + 1].abs().sum()
+    id_grad = model.item_embedding.weight.grad[1 : NUM_ITEMS + 1].abs().sum()
     assert (id_grad > 0) == ids_learn
     assert model.text_projection.weight.grad.abs().sum() > 0
 
     plain = tiny("causal")
     loss = training_step_loss(plain, plain, items, types, TrainConfig(loss="ce", id_dropout=1.0), None)
     loss.backward()
-    assert plain.item_embedding.weight.grad[1:NUM_ITEMS + 1].abs().sum() > 0
+    assert plain.item_embedding.weight.grad[1 : NUM_ITEMS + 1].abs().sum() > 0
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -301,24 +323,25 @@ def test_untrained_items_are_placed_from_their_text(kind):
     model = build_model(n, kind=kind, hidden_size=16, num_layers=1, max_len=8, dropout=0.0, text_dim=12)
     model.text_features.normal_()
     rows = torch.randint(1, n + 1, (64, 9))
-    rows[:, :2] = 0                                                      # left padding
+    rows[:, :2] = 0  # left padding
     untrained = np.zeros(n + 1, dtype=bool)
     untrained[0] = True
     untrained[[5, 17, 33]] = True
-    rows[torch.isin(rows, torch.tensor([5, 17, 33]))] = 7                # untrained: in no training row
+    rows[torch.isin(rows, torch.tensor([5, 17, 33]))] = 7  # untrained: in no training row
     with torch.no_grad():
         model.item_embedding.weight[[5, 17, 33]] = 0.0
     before = model.item_embedding.weight.detach().clone()
 
-    fit = place_untrained_items(model, rows.numpy(), torch.zeros_like(rows).numpy(), untrained, epochs=20,
-                                batch_size=64, lr=1e-2)
+    fit = place_untrained_items(
+        model, rows.numpy(), torch.zeros_like(rows).numpy(), untrained, epochs=20, batch_size=64, lr=1e-2
+    )
 
     after = model.item_embedding.weight.detach()
     assert fit["items"] == 3 and fit["loss_after"] < fit["loss_before"]
     assert torch.count_nonzero(after[[5, 17, 33]]) > 0
     trained = torch.from_numpy(~untrained)
     assert torch.equal(after[: n + 1][trained], before[: n + 1][trained])
-    assert torch.equal(after[0], before[0]) and torch.equal(after[n + 1:], before[n + 1:])
+    assert torch.equal(after[0], before[0]) and torch.equal(after[n + 1 :], before[n + 1 :])
 
 
 def test_the_model_is_built_from_model_config_with_its_defaults():
@@ -328,13 +351,17 @@ def test_the_model_is_built_from_model_config_with_its_defaults():
     from seqrec.config import ModelConfig
 
     defaults = ModelConfig()
-    built = SeqRecConfig.from_model_config(defaults, num_items=5, num_event_types=3, event_types=["a", "b", "c"])
+    built = SeqRecConfig.from_model_config(
+        defaults, num_items=5, num_event_types=3, event_types=["a", "b", "c"]
+    )
     bare = SeqRecConfig(num_items=5)
     for name in (f.name for f in fields(ModelConfig) if f.name != "use_event_types"):
         assert getattr(built, name) == getattr(defaults, name) == getattr(bare, name), name
     assert built.num_event_types == 3 and built.event_types == ["a", "b", "c"]
     assert build_model(5, num_event_types=3).config.to_dict() == {**built.to_dict(), "event_types": []}
-    no_types = SeqRecConfig.from_model_config(ModelConfig(use_event_types=False), num_items=5, num_event_types=3)
+    no_types = SeqRecConfig.from_model_config(
+        ModelConfig(use_event_types=False), num_items=5, num_event_types=3
+    )
     assert no_types.num_event_types == 0
 
 

@@ -35,22 +35,29 @@ def hold_back_new_users_and_items(storage: Storage) -> int:
     held = []
     for day in storage.list_dirs("events"):
         table = storage.read_table("events", day, "part-00000.parquet")
-        new = pc.fill_null(pc.or_(pc.greater(table["user_id"], KNOWN_USERS),
-                                  pc.greater(table["item_id"], KNOWN_ITEMS)), False)
+        new = pc.fill_null(
+            pc.or_(pc.greater(table["user_id"], KNOWN_USERS), pc.greater(table["item_id"], KNOWN_ITEMS)),
+            False,
+        )
         storage.write_table(table.filter(pc.invert(new)), "events", day, "part-00000.parquet")
         held.append(table.filter(new))
     storage.write_table(pa.concat_tables(held), "events", f"dt={NEXT_DAY}", "part-00000.parquet")
     items = storage.read_table("items", "items.parquet")
     available = ~np.isin(items["item_id"].to_numpy(), UNAVAILABLE)
-    storage.write_table(items.set_column(items.schema.get_field_index("available"), "available",
-                                         pa.array(available)), "items", "items.parquet")
+    storage.write_table(
+        items.set_column(items.schema.get_field_index("available"), "available", pa.array(available)),
+        "items",
+        "items.parquet",
+    )
     return sum(t.num_rows for t in held)
 
 
 def with_changes(config, **sections):
     """``config`` with some fields of some sections replaced: with_changes(c, train={"epochs": 1})."""
-    return dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name), **fields)
-                                          for name, fields in sections.items()})
+    return dataclasses.replace(
+        config,
+        **{name: dataclasses.replace(getattr(config, name), **fields) for name, fields in sections.items()},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +100,9 @@ def test_one_row_per_user_k_items_none_seen(night, demo_config):
     assert len(pc.unique(table["user_id"])) == table.num_rows
     assert set(pc.list_value_length(table["items"]).to_pylist()) == {demo_config.score.k}
     history = dict(zip(sequences["user_id"].to_pylist(), sequences["item_ids"].to_pylist()))
-    for user, items, scores in zip(table["user_id"].to_pylist(), table["items"].to_pylist(),
-                                   table["scores"].to_pylist()):
+    for user, items, scores in zip(
+        table["user_id"].to_pylist(), table["items"].to_pylist(), table["scores"].to_pylist()
+    ):
         assert not set(items) & set(history[user])
         assert scores == sorted(scores, reverse=True)
     assert set(table["model_version"].to_pylist()) == {result.live_model}
@@ -109,7 +117,7 @@ def test_night_is_one_commit_after_its_files_with_manifest(night):
     assert commit["input_snapshot"]["users"] == result.prepare.users
     table = open_table(storage, result.recommendations.snapshot)
     parts = [p for p in table.file_uris() if f"dt={result.date}/" in p]
-    assert len(parts) == 1      # 2000 users < score.rows_per_file: one file, not one per block
+    assert len(parts) == 1  # 2000 users < score.rows_per_file: one file, not one per block
     assert commit["files"] == len(parts)
     for part in parts:
         info = storage.filesystem.get_file_info(part.removeprefix("file://"))
@@ -130,7 +138,9 @@ def test_artifact_and_report(night):
     storage, result = night
     assert artifact.promoted_version(storage) == result.live_model
     loaded = artifact.load(storage, result.live_model)
-    assert loaded.metrics["test"]["model"]["ndcg@10"] == pytest.approx(result.metrics["test"]["model"]["ndcg@10"])
+    assert loaded.metrics["test"]["model"]["ndcg@10"] == pytest.approx(
+        result.metrics["test"]["model"]["ndcg@10"]
+    )
     assert loaded.manifest["training_data"].endswith(f"dt={result.date}")
     for name in ("report.json", "report.md", "training.png", "history.png"):
         assert storage.exists("reports", f"dt={result.date}", name)
@@ -163,7 +173,7 @@ def test_rescoring_with_the_same_model_gives_the_same_rows(night, demo_config):
         tables.append(table.sort_by("user_id"))
     first, again = tables
     assert first.num_rows == result.recommendations.rows
-    assert first["generated_at"] != again["generated_at"]      # two runs really happened
+    assert first["generated_at"] != again["generated_at"]  # two runs really happened
     assert first.drop_columns(["generated_at"]).equals(again.drop_columns(["generated_at"]))
 
 
@@ -181,18 +191,27 @@ def test_evaluation_and_the_recommender_rank_the_same_top_k(night, demo_config):
     assert excluded[live.vocab.lookup(pa.array(UNAVAILABLE))].all()
     k = demo_config.score.k
     ranked: list[torch.Tensor] = []
-    evaluate_batches(live.model, split_batches(sequences, live.vocab, live.model.config.max_len, holdout=0,
-                                               batch_size=64),
-                     [k], torch.device("cpu"), never_recommend=torch.from_numpy(excluded), top_k=ranked)
+    evaluate_batches(
+        live.model,
+        split_batches(sequences, live.vocab, live.model.config.max_len, holdout=0, batch_size=64),
+        [k],
+        torch.device("cpu"),
+        never_recommend=torch.from_numpy(excluded),
+        top_k=ranked,
+    )
     evaluated = [live.vocab.original(row).to_pylist() for row in torch.cat(ranked).numpy()]
 
     # The Recommender sees what evaluation sees for the test target: every item before the last.
-    before_target = pa.table({"user_id": sequences["user_id"],
-                              "item_ids": [items[:-1] for items in sequences["item_ids"].to_pylist()],
-                              "event_types": [types[:-1] for types in sequences["event_types"].to_pylist()]})
-    recommender = Recommender(storage.root, result.live_model, k, excluded, dt.datetime.now(dt.timezone.utc))
+    before_target = pa.table(
+        {
+            "user_id": sequences["user_id"],
+            "item_ids": [items[:-1] for items in sequences["item_ids"].to_pylist()],
+            "event_types": [types[:-1] for types in sequences["event_types"].to_pylist()],
+        }
+    )
+    recommender = Recommender(storage.root, result.live_model, k, excluded, dt.datetime.now(dt.UTC))
     shown = recommender(before_target)["items"].to_pylist()
-    assert len(evaluated) == len(shown) == sequences.num_rows     # every user here has a history
+    assert len(evaluated) == len(shown) == sequences.num_rows  # every user here has a history
     assert evaluated == shown
     assert not set(pc.list_flatten(pa.array(shown)).to_pylist()) & set(UNAVAILABLE)
 
@@ -203,7 +222,7 @@ def test_second_night_grows_the_vocabulary_and_warm_starts(night, second):
     candidate = artifact.load(storage, second.candidate)
     assert candidate.manifest["parent"] == first.live_model
     known = parent.vocab.num_items
-    assert candidate.vocab.items.slice(0, known).equals(parent.vocab.items)     # known ids keep their index
+    assert candidate.vocab.items.slice(0, known).equals(parent.vocab.items)  # known ids keep their index
     new_items = set(candidate.vocab.items.to_pylist()[known:])
     assert new_items and min(new_items) > KNOWN_ITEMS
     assert second.prepare.new_users > 0 and second.prepare.new_items > 0
@@ -224,7 +243,7 @@ def test_warm_start_carries_known_rows_and_gives_new_items_rows(night, second, d
     known = parent.vocab.num_items
     assert new.shape[0] == vocab.num_items + 2 > old.shape[0]
     torch.testing.assert_close(new[: known + 1], old[: known + 1], rtol=0, atol=0)
-    assert torch.count_nonzero(new[known + 1: -1]) > 0
+    assert torch.count_nonzero(new[known + 1 : -1]) > 0
     for name, value in parent.model.backbone.state_dict().items():
         torch.testing.assert_close(start.backbone.state_dict()[name], value, rtol=0, atol=0)
 
@@ -238,7 +257,7 @@ def test_warm_started_first_epoch_starts_at_the_parents_level(night, second, dem
 
     storage, first = night
     report = storage.read_json("reports", f"dt={NEXT_DAY}", "report.json")
-    live_level = report["val_ndcg@10"]["live"]                  # the parent, on the second night's data
+    live_level = report["val_ndcg@10"]["live"]  # the parent, on the second night's data
     parent = artifact.load(storage, first.live_model)
     vocab = artifact.load(storage, second.candidate).vocab
     sequences = read_sequences(storage, NEXT_DAY, columns=["user_id", "item_ids", "event_types"])
@@ -250,8 +269,10 @@ def test_warm_started_first_epoch_starts_at_the_parents_level(night, second, dem
 
     warm_start, fresh_start = start_level(parent), start_level(None)
     first_epoch = artifact.load(storage, second.candidate).metrics["history"][0]["val_ndcg@10"]
-    print(f"val NDCG@10: parent {live_level:.4f}; before training warm {warm_start:.4f}, "
-          f"fresh {fresh_start:.4f}; after one epoch warm {first_epoch:.4f}")
+    print(
+        f"val NDCG@10: parent {live_level:.4f}; before training warm {warm_start:.4f}, "
+        f"fresh {fresh_start:.4f}; after one epoch warm {first_epoch:.4f}"
+    )
     # Measured: parent 0.72, warm start 0.53 (the new items' fresh rows compete), fresh 0.05; after one
     # epoch 0.67-0.68 against the parent's 0.71-0.72 in two runs.
     assert warm_start >= 0.6 * live_level and warm_start > fresh_start + 0.3
@@ -269,17 +290,21 @@ def test_a_better_candidate_is_promoted_at_tolerance_zero(night, second):
     assert set(table["model_version"].to_pylist()) == {second.candidate}
 
 
-def test_a_worse_candidate_is_not_promoted_and_the_night_is_scored_with_the_live_model(night, second,
-                                                                                        demo_config):
+def test_a_worse_candidate_is_not_promoted_and_the_night_is_scored_with_the_live_model(
+    night, second, demo_config
+):
     """One training step from scratch (hidden size 32: the parent cannot be warm-started from) at
     tolerance 0: the live model stays, tonight's table comes from it, the report says why, and the
     candidate's manifest names no parent."""
     storage, _ = night
     live = artifact.promoted_version(storage)
     pointer = storage.read_bytes("models", artifact.PROMOTED)
-    config = with_changes(demo_config, model={"hidden_size": 32},
-                          train={"epochs": 1, "batch_size": 100_000, "patience": 1},
-                          eval={"promote_tolerance": 0.0})
+    config = with_changes(
+        demo_config,
+        model={"hidden_size": 32},
+        train={"epochs": 1, "batch_size": 100_000, "patience": 1},
+        eval={"promote_tolerance": 0.0},
+    )
     worse = run_nightly(storage, NEXT_DAY, config)
     assert not worse.promoted and worse.live_model == live
     assert storage.read_bytes("models", artifact.PROMOTED) == pointer
@@ -289,11 +314,12 @@ def test_a_worse_candidate_is_not_promoted_and_the_night_is_scored_with_the_live
     assert report["promoted"] is False and report["live_model"] == live
     assert report["decision"].startswith(f"kept {live}") and "worse than live" in report["decision"]
     assert report["val_ndcg@10"]["candidate"] < report["val_ndcg@10"]["live"]
-    assert artifact.load(storage, worse.candidate).manifest["parent"] is None      # trained from scratch
+    assert artifact.load(storage, worse.candidate).manifest["parent"] is None  # trained from scratch
 
 
-def test_a_night_whose_scoring_fails_leaves_the_live_model_and_tables_untouched(night, second, demo_config,
-                                                                                 monkeypatch):
+def test_a_night_whose_scoring_fails_leaves_the_live_model_and_tables_untouched(
+    night, second, demo_config, monkeypatch
+):
     """A candidate that would be promoted (tolerance 1), then scoring fails: PROMOTED.json, the live
     model and both published tables are as before; the report and the error say what failed."""
     import seqrec.nightly as nightly
@@ -326,8 +352,26 @@ def test_seqrec_train_makes_a_candidate_the_nightly_way(night, capsys):
 
     storage, first = night
     live = artifact.promoted_version(storage)
-    assert main(["train", "--root", storage.root, "--date", first.date, "--config", "configs/demo.yaml",
-                 "--set", "train.epochs=1", "--set", "model.max_len=30", "--set", "prepare.max_len=30"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--root",
+                storage.root,
+                "--date",
+                first.date,
+                "--config",
+                "configs/demo.yaml",
+                "--set",
+                "train.epochs=1",
+                "--set",
+                "model.max_len=30",
+                "--set",
+                "prepare.max_len=30",
+            ]
+        )
+        == 0
+    )
     version = capsys.readouterr().out.strip().splitlines()[-1].split()[1].rstrip(":")
     candidate = artifact.load(storage, version)
     assert candidate.manifest["parent"] == live
@@ -342,13 +386,21 @@ def test_a_night_without_settings_takes_them_from_the_data(capsys):
     from seqrec.config import load_config
     from seqrec.nightly import suggest_settings
 
-    sequences = pa.table({"user_id": list(range(300)),
-                          "item_ids": [[(u + j) % 500 for j in range(3 + u % 8)] for u in range(300)],
-                          "event_types": [["interaction"] * (3 + u % 8) for u in range(300)]})
+    sequences = pa.table(
+        {
+            "user_id": list(range(300)),
+            "item_ids": [[(u + j) % 500 for j in range(3 + u % 8)] for u in range(300)],
+            "event_types": [["interaction"] * (3 + u % 8) for u in range(300)],
+        }
+    )
     config = load_config(None, ["model.dropout=0.3"])
     tuned, changes = suggest_settings(config, sequences, explicit={"model.dropout"})
-    assert changes == {"model.max_len": 50, "model.use_event_types": False, "model.num_layers": 1,
-                       "train.patience": 8}                                           # short, sparse histories
+    assert changes == {
+        "model.max_len": 50,
+        "model.use_event_types": False,
+        "model.num_layers": 1,
+        "train.patience": 8,
+    }  # short, sparse histories
     assert (tuned.model.max_len, tuned.model.num_layers, tuned.model.dropout) == (50, 1, 0.3)
     assert "model.num_layers=1" in capsys.readouterr().err
     assert suggest_settings(tuned, sequences, explicit={"model.dropout"})[1] == {}

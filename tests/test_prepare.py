@@ -15,7 +15,7 @@ from seqrec.prepare import InputError, bucket_file, bucket_of, merge_bucket, pre
 from seqrec.storage import Storage
 from seqrec.synthetic import SyntheticSpec, generate_events, write_synthetic
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 DAY = "2024-01-02"
 
 # The stage runs as Ray tasks: on the session's local Ray (starting its own would clash with it).
@@ -61,7 +61,9 @@ def check_contract(storage: Storage, date: str = DAY) -> pa.Table:
     table = read_sequences(storage, date)
     assert table.column_names == ["user_id", "item_ids", "event_types", "ts"]
     for name in ("item_ids", "event_types", "ts"):
-        assert pa.types.is_list(table.schema.field(name).type) or pa.types.is_large_list(table.schema.field(name).type)
+        assert pa.types.is_list(table.schema.field(name).type) or pa.types.is_large_list(
+            table.schema.field(name).type
+        )
     assert pa.types.is_timestamp(table.schema.field("ts").type.value_type)
     lengths = pc.list_value_length(table["item_ids"])
     assert pc.all(pc.equal(lengths, pc.list_value_length(table["event_types"]))).as_py()
@@ -95,9 +97,14 @@ def test_synthetic_reconciles_and_quarantines_planted_rows(storage):
     assert report.mode == "full"
 
     reasons = quarantine(storage, "2024-01-03")["reason"].to_pylist()
-    assert sorted(set(reasons)) == sorted({"user_id missing or empty", "item_id missing or empty",
-                                           "ts out of range [2000-01-01, 2024-01-05)",
-                                           "event_type not in configured set"})
+    assert sorted(set(reasons)) == sorted(
+        {
+            "user_id missing or empty",
+            "item_id missing or empty",
+            "ts out of range [2000-01-01, 2024-01-05)",
+            "event_type not in configured set",
+        }
+    )
     assert all(reasons.count(r) == 2 for r in set(reasons))
 
     table = check_contract(storage, "2024-01-03")
@@ -123,7 +130,7 @@ def test_a_miscount_refuses_to_finish_and_keeps_the_published_sequences(storage)
 
     with pytest.raises(Exception, match="reconcile") as refused:
         prepare(storage, "2024-01-03", config, merge=loses_a_row)
-    assert str(good.rows_read) in str(refused.value)           # the message gives the counts
+    assert str(good.rows_read) in str(refused.value)  # the message gives the counts
     assert storage.read_json("sequences", "dt=2024-01-03", "_SUCCESS") == good.as_dict()
     assert read_sequences(storage, "2024-01-03").equals(published)
 
@@ -142,8 +149,11 @@ def test_incremental_equals_full_rebuild(tmp_path):
     assert r1.rows_read + r2.rows_read + r3.rows_read == rebuilt.rows_read
     assert sum(r.rows_kept for r in (r1, r2, r3)) == rebuilt.rows_kept
     assert sum(r.duplicates_dropped for r in (r1, r2, r3)) == rebuilt.duplicates_dropped
-    assert read_sequences(inc, "2024-01-03").sort_by("user_id").equals(
-        read_sequences(full, "2024-01-03").sort_by("user_id"))
+    assert (
+        read_sequences(inc, "2024-01-03")
+        .sort_by("user_id")
+        .equals(read_sequences(full, "2024-01-03").sort_by("user_id"))
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,19 +175,25 @@ def test_every_bad_row_kind_is_quarantined_with_its_reason(storage):
         ("u1", "c", "1970-01-02T00:00:00", "view", "ts out of range [2000-01-01, 2024-01-04)"),
         ("u1", "c", "2031-06-01T00:00:00", "view", "ts out of range [2000-01-01, 2024-01-04)"),
         ("u1", "c", "2024-01-04T00:00:00", "view", "ts out of range [2000-01-01, 2024-01-04)"),
-        ("u1", "d", "2024-01-03T23:59:59", "view", None),      # the day after is still accepted
+        ("u1", "d", "2024-01-03T23:59:59", "view", None),  # the day after is still accepted
         ("u1", "d", good, "hover", "event_type not in configured set"),
-        ("u1", "e", good, None, None),                            # null type -> default type
+        ("u1", "e", good, None, None),  # null type -> default type
         ("u2", "a", good, "click", None),
     ]
-    table = pa.table({
-        "user_id": pa.array([r[0] for r in rows], pa.string()),
-        "item_id": pa.array([r[1] for r in rows], pa.string()),
-        "ts": pa.array([r[2].isoformat() if isinstance(r[2], dt.datetime) else r[2] for r in rows], pa.string()),
-        "event_type": pa.array([r[3] for r in rows], pa.string()),
-        "page": pa.array(range(len(rows)), pa.int32()),                                 # extra: ignored
-        "tags": pa.array([["x", str(i)] for i in range(len(rows))], pa.list_(pa.string())),  # extra, nested
-    })
+    table = pa.table(
+        {
+            "user_id": pa.array([r[0] for r in rows], pa.string()),
+            "item_id": pa.array([r[1] for r in rows], pa.string()),
+            "ts": pa.array(
+                [r[2].isoformat() if isinstance(r[2], dt.datetime) else r[2] for r in rows], pa.string()
+            ),
+            "event_type": pa.array([r[3] for r in rows], pa.string()),
+            "page": pa.array(range(len(rows)), pa.int32()),  # extra: ignored
+            "tags": pa.array(
+                [["x", str(i)] for i in range(len(rows))], pa.list_(pa.string())
+            ),  # extra, nested
+        }
+    )
     path = write_events(storage, table)
     report = prepare(storage, DAY, PrepareConfig())
 
@@ -205,15 +221,20 @@ def test_every_bad_row_kind_is_quarantined_with_its_reason(storage):
 
 
 def test_int_ids_null_and_event_type_column_missing(storage):
-    table = pa.table({
-        "user_id": pa.array([1, None, 2, 2], pa.int64()),
-        "item_id": pa.array([10, 11, None, 12], pa.int64()),
-        "ts": pa.array([epoch(DAY, 1), epoch(DAY, 2), epoch(DAY, 3), epoch(DAY, 4)], pa.int64()),
-    })
+    table = pa.table(
+        {
+            "user_id": pa.array([1, None, 2, 2], pa.int64()),
+            "item_id": pa.array([10, 11, None, 12], pa.int64()),
+            "ts": pa.array([epoch(DAY, 1), epoch(DAY, 2), epoch(DAY, 3), epoch(DAY, 4)], pa.int64()),
+        }
+    )
     write_events(storage, table)
     report = prepare(storage, DAY, PrepareConfig(default_event_type="seen"))
     assert (report.rows_kept, report.rows_quarantined) == (2, 2)
-    assert quarantine(storage)["reason"].to_pylist() == ["user_id missing or empty", "item_id missing or empty"]
+    assert quarantine(storage)["reason"].to_pylist() == [
+        "user_id missing or empty",
+        "item_id missing or empty",
+    ]
     seqs = by_user(storage)
     assert seqs[1]["item_ids"] == [10] and seqs[2]["item_ids"] == [12]
     assert seqs[1]["event_types"] == ["seen"]
@@ -222,8 +243,12 @@ def test_int_ids_null_and_event_type_column_missing(storage):
 
 def test_exact_duplicates_dropped_and_counted(storage):
     t = at(DAY, 8)
-    table = events(["u"] * 6, ["a", "a", "a", "a", "b", "a"], [t, t, t, at(DAY, 9), t, t],
-                   ["view", "view", "click", "view", "view", "view"])
+    table = events(
+        ["u"] * 6,
+        ["a", "a", "a", "a", "b", "a"],
+        [t, t, t, at(DAY, 9), t, t],
+        ["view", "view", "click", "view", "view", "view"],
+    )
     write_events(storage, table)
     report = prepare(storage, DAY, PrepareConfig())
     # (a, t, view) three times -> two duplicates; other rows differ in type, ts or item.
@@ -245,8 +270,15 @@ def test_duplicates_across_files_are_dropped(storage):
 
 
 def test_all_rows_bad_is_an_input_error(storage):
-    write_events(storage, events(pa.array([None, 1], pa.int64()), pa.array([1, None], pa.int64()),
-                                 [at(DAY), at(DAY)], ["view", "view"]))
+    write_events(
+        storage,
+        events(
+            pa.array([None, 1], pa.int64()),
+            pa.array([1, None], pa.int64()),
+            [at(DAY), at(DAY)],
+            ["view", "view"],
+        ),
+    )
     with pytest.raises(InputError, match="rejected"):
         prepare(storage, DAY, PrepareConfig())
 
@@ -257,24 +289,43 @@ def test_all_rows_bad_is_an_input_error(storage):
 EXPECTED_TS = [at(DAY, 10), at(DAY, 11, 30), at(DAY, 12, 0, 1)]
 
 
-@pytest.mark.parametrize("ts_type,values", [
-    (pa.int64(), [epoch(DAY, 10), epoch(DAY, 11, 30), epoch(DAY, 12, 0, 1)]),
-    (pa.timestamp("s"), [epoch(DAY, 10), epoch(DAY, 11, 30), epoch(DAY, 12, 0, 1)]),
-    (pa.timestamp("ms", tz="America/New_York"), [1000 * epoch(DAY, 10), 1000 * epoch(DAY, 11, 30),
-                                                 1000 * epoch(DAY, 12, 0, 1)]),
-    (pa.timestamp("us", tz="UTC"), [10**6 * epoch(DAY, 10), 10**6 * epoch(DAY, 11, 30), 10**6 * epoch(DAY, 12, 0, 1)]),
-    (pa.timestamp("ns", tz="Asia/Kolkata"), [10**9 * epoch(DAY, 10), 10**9 * epoch(DAY, 11, 30),
-                                             10**9 * epoch(DAY, 12, 0, 1)]),
-    (pa.string(), ["2024-01-02T10:00:00Z", "2024-01-02 13:30:00+02:00", "2024-01-02T12:00:01"]),
-    (pa.string(), ["2024-01-02T10:00:00.000Z", "2024-01-02T11:30:00.000000+00:00", "2024-01-02 12:00:01.0"]),
-], ids=["epoch-s", "ts-s-naive", "ts-ms-ny", "ts-us-utc", "ts-ns-kolkata", "iso", "iso-fraction"])
+@pytest.mark.parametrize(
+    "ts_type,values",
+    [
+        (pa.int64(), [epoch(DAY, 10), epoch(DAY, 11, 30), epoch(DAY, 12, 0, 1)]),
+        (pa.timestamp("s"), [epoch(DAY, 10), epoch(DAY, 11, 30), epoch(DAY, 12, 0, 1)]),
+        (
+            pa.timestamp("ms", tz="America/New_York"),
+            [1000 * epoch(DAY, 10), 1000 * epoch(DAY, 11, 30), 1000 * epoch(DAY, 12, 0, 1)],
+        ),
+        (
+            pa.timestamp("us", tz="UTC"),
+            [10**6 * epoch(DAY, 10), 10**6 * epoch(DAY, 11, 30), 10**6 * epoch(DAY, 12, 0, 1)],
+        ),
+        (
+            pa.timestamp("ns", tz="Asia/Kolkata"),
+            [10**9 * epoch(DAY, 10), 10**9 * epoch(DAY, 11, 30), 10**9 * epoch(DAY, 12, 0, 1)],
+        ),
+        (pa.string(), ["2024-01-02T10:00:00Z", "2024-01-02 13:30:00+02:00", "2024-01-02T12:00:01"]),
+        (
+            pa.string(),
+            ["2024-01-02T10:00:00.000Z", "2024-01-02T11:30:00.000000+00:00", "2024-01-02 12:00:01.0"],
+        ),
+    ],
+    ids=["epoch-s", "ts-s-naive", "ts-ms-ny", "ts-us-utc", "ts-ns-kolkata", "iso", "iso-fraction"],
+)
 def test_ts_representations(storage, ts_type, values):
-    write_events(storage, pa.table({
-        "user_id": pa.array([1, 1, 1], pa.int64()),
-        "item_id": pa.array([3, 1, 2], pa.int64()),
-        "ts": pa.array(values, ts_type),
-        "event_type": pa.array(["view"] * 3),
-    }))
+    write_events(
+        storage,
+        pa.table(
+            {
+                "user_id": pa.array([1, 1, 1], pa.int64()),
+                "item_id": pa.array([3, 1, 2], pa.int64()),
+                "ts": pa.array(values, ts_type),
+                "event_type": pa.array(["view"] * 3),
+            }
+        ),
+    )
     report = prepare(storage, DAY, PrepareConfig())
     assert (report.rows_kept, report.rows_quarantined) == (3, 0)
     seq = by_user(storage)[1]
@@ -284,43 +335,73 @@ def test_ts_representations(storage, ts_type, values):
 
 def test_sub_microsecond_and_fractional_timestamps_keep_order(storage):
     base = 10**9 * epoch(DAY, 10)
-    write_events(storage, pa.table({
-        "user_id": pa.array(["n", "n", "n", "s", "s"]),
-        "item_id": pa.array(["late", "early", "mid", "b", "a"]),
-        "ts": pa.array([base + 2_500, base + 999, base + 1_500, base, base], pa.timestamp("ns")),
-    }), name="part-00000.parquet")
-    write_events(storage, pa.table({
-        "user_id": pa.array(["i", "i"]),
-        "item_id": pa.array(["second", "first"]),
-        "ts": pa.array(["2024-01-02T10:00:00.250Z", "2024-01-02T10:00:00.125Z"]),
-    }), name="part-00001.parquet")
+    write_events(
+        storage,
+        pa.table(
+            {
+                "user_id": pa.array(["n", "n", "n", "s", "s"]),
+                "item_id": pa.array(["late", "early", "mid", "b", "a"]),
+                "ts": pa.array([base + 2_500, base + 999, base + 1_500, base, base], pa.timestamp("ns")),
+            }
+        ),
+        name="part-00000.parquet",
+    )
+    write_events(
+        storage,
+        pa.table(
+            {
+                "user_id": pa.array(["i", "i"]),
+                "item_id": pa.array(["second", "first"]),
+                "ts": pa.array(["2024-01-02T10:00:00.250Z", "2024-01-02T10:00:00.125Z"]),
+            }
+        ),
+        name="part-00001.parquet",
+    )
     report = prepare(storage, DAY, PrepareConfig())
     assert (report.rows_kept, report.rows_quarantined) == (7, 0)
     seqs = by_user(storage)
     assert seqs["n"]["item_ids"] == ["early", "mid", "late"]
     assert seqs["s"]["item_ids"] == ["b", "a"]  # equal ts: input order
     assert seqs["i"]["item_ids"] == ["first", "second"]
-    assert [t.astimezone(UTC) for t in seqs["i"]["ts"]] == [at(DAY, 10) + dt.timedelta(milliseconds=125),
-                                                            at(DAY, 10) + dt.timedelta(milliseconds=250)]
+    assert [t.astimezone(UTC) for t in seqs["i"]["ts"]] == [
+        at(DAY, 10) + dt.timedelta(milliseconds=125),
+        at(DAY, 10) + dt.timedelta(milliseconds=250),
+    ]
 
 
 def test_absurd_epoch_values_are_quarantined_not_fatal(storage):
     # ok, 1970, far beyond what microseconds can hold, before 1970
-    write_events(storage, pa.table({
-        "user_id": pa.array([1, 1, 1, 1]),
-        "item_id": pa.array([1, 2, 3, 4]),
-        "ts": pa.array([epoch(DAY, 1), 86400, 10**17, -5], pa.int64()),
-    }), name="part-00000.parquet")
-    write_events(storage, pa.table({
-        "user_id": pa.array([2, 2]),
-        "item_id": pa.array([1, 2]),
-        "ts": pa.array([1000 * epoch(DAY, 1), 10**17], pa.timestamp("ms")),
-    }), name="part-00001.parquet")
+    write_events(
+        storage,
+        pa.table(
+            {
+                "user_id": pa.array([1, 1, 1, 1]),
+                "item_id": pa.array([1, 2, 3, 4]),
+                "ts": pa.array([epoch(DAY, 1), 86400, 10**17, -5], pa.int64()),
+            }
+        ),
+        name="part-00000.parquet",
+    )
+    write_events(
+        storage,
+        pa.table(
+            {
+                "user_id": pa.array([2, 2]),
+                "item_id": pa.array([1, 2]),
+                "ts": pa.array([1000 * epoch(DAY, 1), 10**17], pa.timestamp("ms")),
+            }
+        ),
+        name="part-00001.parquet",
+    )
     report = prepare(storage, DAY, PrepareConfig())
     assert (report.rows_kept, report.rows_quarantined) == (2, 4)
     out_of_range = "ts out of range [2000-01-01, 2024-01-04)"
-    assert quarantine(storage)["reason"].to_pylist() == [out_of_range, "ts unparseable", out_of_range,
-                                                         "ts unparseable"]
+    assert quarantine(storage)["reason"].to_pylist() == [
+        out_of_range,
+        "ts unparseable",
+        out_of_range,
+        "ts unparseable",
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,16 +415,22 @@ def test_missing_user_id_column_is_a_clear_error(storage):
 
 
 def test_float_user_id_is_a_clear_error(storage):
-    path = write_events(storage, pa.table({"user_id": pa.array([1.0, None]), "item_id": [1, 2],
-                                           "ts": pa.array([at(DAY, 1), at(DAY, 2)])}))
+    path = write_events(
+        storage,
+        pa.table(
+            {"user_id": pa.array([1.0, None]), "item_id": [1, 2], "ts": pa.array([at(DAY, 1), at(DAY, 2)])}
+        ),
+    )
     with pytest.raises(InputError) as err:
         prepare(storage, DAY, PrepareConfig())
     assert path in str(err.value) and "'user_id'" in str(err.value) and "double" in str(err.value)
 
 
 def test_list_ts_is_a_clear_error(storage):
-    path = write_events(storage, pa.table({"user_id": [1], "item_id": [1],
-                                           "ts": pa.array([[epoch(DAY, 1)]], pa.list_(pa.int64()))}))
+    path = write_events(
+        storage,
+        pa.table({"user_id": [1], "item_id": [1], "ts": pa.array([[epoch(DAY, 1)]], pa.list_(pa.int64()))}),
+    )
     with pytest.raises(InputError) as err:
         prepare(storage, DAY, PrepareConfig())
     assert path in str(err.value) and "'ts'" in str(err.value)
@@ -351,7 +438,9 @@ def test_list_ts_is_a_clear_error(storage):
 
 def test_bad_file_among_good_ones_is_named(storage):
     write_events(storage, events([1], [1], [at(DAY, 1)], ["view"]), name="part-00000.parquet")
-    bad = write_events(storage, pa.table({"user_id": [1], "ts": pa.array([at(DAY, 1)])}), name="part-00001.parquet")
+    bad = write_events(
+        storage, pa.table({"user_id": [1], "ts": pa.array([at(DAY, 1)])}), name="part-00001.parquet"
+    )
     with pytest.raises(InputError) as err:
         prepare(storage, DAY, PrepareConfig())
     assert bad in str(err.value) and "item_id" in str(err.value)
@@ -375,9 +464,14 @@ def test_events_after_the_date_are_not_read(storage):
 
 
 def test_mixed_int_and_string_ids_become_strings(storage):
-    write_events(storage, events(pa.array([1], pa.int64()), pa.array([7], pa.int64()), [at(DAY, 1)], ["view"]),
-                 name="part-00000.parquet")
-    write_events(storage, events(pa.array(["1"]), pa.array(["x"]), [at(DAY, 2)], ["view"]), name="part-00001.parquet")
+    write_events(
+        storage,
+        events(pa.array([1], pa.int64()), pa.array([7], pa.int64()), [at(DAY, 1)], ["view"]),
+        name="part-00000.parquet",
+    )
+    write_events(
+        storage, events(pa.array(["1"]), pa.array(["x"]), [at(DAY, 2)], ["view"]), name="part-00001.parquet"
+    )
     prepare(storage, DAY, PrepareConfig())
     table = read_sequences(storage, DAY)
     assert table.schema.field("user_id").type == pa.string()
@@ -400,10 +494,10 @@ def test_order_ties_and_truncation(storage):
     assert report.events_truncated == 2
     assert report.rows_kept == 10  # truncation is not rejection
     seqs = by_user(storage)
-    assert seqs["long"]["item_ids"] == ["e3", "e4", "e5"]           # newest 3, oldest first
-    assert seqs["long"]["event_types"] == ["view", "view", "cart"]   # aligned
+    assert seqs["long"]["item_ids"] == ["e3", "e4", "e5"]  # newest 3, oldest first
+    assert seqs["long"]["event_types"] == ["view", "view", "cart"]  # aligned
     assert [x.astimezone(UTC) for x in seqs["long"]["ts"]] == [at(DAY, 3), at(DAY, 4), at(DAY, 5)]
-    assert seqs["tie"]["item_ids"] == ["x", "y", "z"]                # equal ts: input order
+    assert seqs["tie"]["item_ids"] == ["x", "y", "z"]  # equal ts: input order
     assert seqs["rev"]["item_ids"] == ["q", "p"]
     check_contract(storage)
 
@@ -415,11 +509,23 @@ D1, D2 = "2024-01-01", "2024-01-02"
 
 
 def test_incremental_extends_previous_day(storage):
-    write_events(storage, events(["u1", "u1", "u2"], ["a", "b", "c"], [at(D1, 1), at(D1, 2), at(D1, 3)],
-                                 ["view", "view", "click"]), date=D1)
-    write_events(storage, events(["u1", "u2", "u3", "u1"], ["c", "d", "a", "b"],
-                                 [at(D2, 1), at(D2, 2), at(D2, 3), at(D1, 2)],   # last: re-sent day-1 event
-                                 ["view", "view", "view", "view"]), date=D2)
+    write_events(
+        storage,
+        events(
+            ["u1", "u1", "u2"], ["a", "b", "c"], [at(D1, 1), at(D1, 2), at(D1, 3)], ["view", "view", "click"]
+        ),
+        date=D1,
+    )
+    write_events(
+        storage,
+        events(
+            ["u1", "u2", "u3", "u1"],
+            ["c", "d", "a", "b"],
+            [at(D2, 1), at(D2, 2), at(D2, 3), at(D1, 2)],  # last: re-sent day-1 event
+            ["view", "view", "view", "view"],
+        ),
+        date=D2,
+    )
     config = PrepareConfig()
     first = prepare(storage, D1, config)
     assert (first.mode, first.rows_kept, first.users, first.items) == ("full", 3, 2, 3)
@@ -427,12 +533,12 @@ def test_incremental_extends_previous_day(storage):
 
     second = prepare(storage, D2, config)
     assert second.mode == "incremental"
-    assert second.rows_read == 4 and second.files_read == 1      # only day 2 is read
+    assert second.rows_read == 4 and second.files_read == 1  # only day 2 is read
     assert second.duplicates_dropped == 1
     assert second.rows_kept == 3
     assert second.reconciles()
     assert (second.users, second.items) == (3, 4)
-    assert (second.new_users, second.new_items) == (1, 1)        # u3; d
+    assert (second.new_users, second.new_items) == (1, 1)  # u3; d
     seqs = by_user(storage, D2)
     assert seqs["u1"]["item_ids"] == ["a", "b", "c"]
     assert seqs["u2"]["item_ids"] == ["c", "d"]
@@ -444,7 +550,9 @@ def test_incremental_extends_previous_day(storage):
 
 
 def test_incremental_truncates_extended_sequences(storage):
-    write_events(storage, events(["u"] * 3, ["a", "b", "c"], [at(D1, 1), at(D1, 2), at(D1, 3)], ["view"] * 3), date=D1)
+    write_events(
+        storage, events(["u"] * 3, ["a", "b", "c"], [at(D1, 1), at(D1, 2), at(D1, 3)], ["view"] * 3), date=D1
+    )
     write_events(storage, events(["u"] * 2, ["d", "e"], [at(D2, 1), at(D2, 2)], ["view"] * 2), date=D2)
     prepare(storage, D1, PrepareConfig(max_len=4))
     report = prepare(storage, D2, PrepareConfig(max_len=4))
@@ -460,8 +568,15 @@ def test_incremental_without_events_for_the_day_is_an_error(storage):
 
 
 def test_rerun_replaces_the_partition(storage):
-    write_events(storage, events(["u1", "u1", "u2", None], ["a", "b", "c", "d"],
-                                 [at(DAY, 1), at(DAY, 2), at(DAY, 3), at(DAY, 4)], ["view"] * 4))
+    write_events(
+        storage,
+        events(
+            ["u1", "u1", "u2", None],
+            ["a", "b", "c", "d"],
+            [at(DAY, 1), at(DAY, 2), at(DAY, 3), at(DAY, 4)],
+            ["view"] * 4,
+        ),
+    )
     first = prepare(storage, DAY, PrepareConfig())
     before = read_sequences(storage, DAY).sort_by("user_id")
     # A stale part file from an earlier, larger run must not survive.
@@ -479,16 +594,19 @@ def test_rerun_replaces_the_partition(storage):
     assert names == [bucket_file(b) for b in sorted(set(bucket_of(pa.array(["u1", "u2"]), 64)))]
 
     # Fixing the input and re-running clears the quarantine partition.
-    write_events(storage, events(["u1", "u1", "u2"], ["a", "b", "c"], [at(DAY, 1), at(DAY, 2), at(DAY, 3)],
-                                 ["view"] * 3))
+    write_events(
+        storage,
+        events(["u1", "u1", "u2"], ["a", "b", "c"], [at(DAY, 1), at(DAY, 2), at(DAY, 3)], ["view"] * 3),
+    )
     third = prepare(storage, DAY, PrepareConfig())
     assert third.rows_quarantined == 0
     assert storage.list_files("quarantine", f"dt={DAY}") == []
 
 
 def test_rerun_of_incremental_day_is_idempotent(storage):
-    write_synthetic(storage, SyntheticSpec(num_users=30, num_items=20, mean_events=6, days=2,
-                                           end_date=D2, bad_rows=5))
+    write_synthetic(
+        storage, SyntheticSpec(num_users=30, num_items=20, mean_events=6, days=2, end_date=D2, bad_rows=5)
+    )
     prepare(storage, D1, PrepareConfig())
     a = prepare(storage, D2, PrepareConfig())
     first = read_sequences(storage, D2)
@@ -498,8 +616,9 @@ def test_rerun_of_incremental_day_is_idempotent(storage):
 
 
 def test_synthetic_generator_plants_the_documented_bad_rows():
-    events_table, items = generate_events(SyntheticSpec(num_users=20, num_items=30, mean_events=6, days=2,
-                                                        end_date=D2, bad_rows=10))
+    events_table, items = generate_events(
+        SyntheticSpec(num_users=20, num_items=30, mean_events=6, days=2, end_date=D2, bad_rows=10)
+    )
     assert pc.sum(pc.is_null(events_table["user_id"])).as_py() == 2
     assert pc.sum(pc.is_null(events_table["item_id"])).as_py() == 2
     assert items.num_rows == 30
@@ -518,7 +637,6 @@ def test_bucket_of_is_stable_and_spreads_users():
     assert bucket_of(chunked, 8)[0] == bucket_of(chunked, 8)[2]
 
 
-
 def _result(storage: Storage, date: str) -> tuple[pa.Table, pa.Table | None]:
     q = storage.list_files("quarantine", f"dt={date}", suffix=".parquet")
     return read_sequences(storage, date).sort_by("user_id"), quarantine(storage, date) if q else None
@@ -527,22 +645,27 @@ def _result(storage: Storage, date: str) -> tuple[pa.Table, pa.Table | None]:
 def test_small_tasks_and_bucket_counts_give_the_same_result(tmp_path):
     """Row groups split over many phase-1 tasks, and any bucket count, give the same sequences,
     quarantine (in input order) and counts."""
-    table, _ = generate_events(SyntheticSpec(num_users=60, num_items=40, mean_events=8, days=1,
-                                             end_date=DAY, bad_rows=12))
+    table, _ = generate_events(
+        SyntheticSpec(num_users=60, num_items=40, mean_events=8, days=1, end_date=DAY, bad_rows=12)
+    )
     results = []
     for i, (buckets, rows_per_task) in enumerate([(1, 1_000_000), (5, 25), (64, 100)]):
         storage = Storage(str(tmp_path / f"r{i}"))
         storage.filesystem.create_dir(storage.path("events", f"dt={DAY}"), recursive=True)
-        pq.write_table(table.drop_columns(["dt"]) if "dt" in table.column_names else table,
-                       storage.path("events", f"dt={DAY}", "part-00000.parquet"), row_group_size=20)
+        pq.write_table(
+            table.drop_columns(["dt"]) if "dt" in table.column_names else table,
+            storage.path("events", f"dt={DAY}", "part-00000.parquet"),
+            row_group_size=20,
+        )
         report = prepare(storage, DAY, PrepareConfig(buckets=buckets, rows_per_task=rows_per_task))
         assert report.reconciles() and report.buckets == buckets and report.nodes == 1
         results.append((report, *_result(storage, DAY)))
         users = read_sequences(storage, DAY)["user_id"]
         assert len(storage.list_files("sequences", f"dt={DAY}")) == len(set(bucket_of(users, buckets)))
     for report, sequences, quarantined in results[1:]:
-        assert {k: v for k, v in report.as_dict().items() if k != "buckets"} == \
-               {k: v for k, v in results[0][0].as_dict().items() if k != "buckets"}
+        assert {k: v for k, v in report.as_dict().items() if k != "buckets"} == {
+            k: v for k, v in results[0][0].as_dict().items() if k != "buckets"
+        }
         assert sequences.equals(results[0][1])
         assert quarantined.drop_columns(["source_file"]).equals(results[0][2].drop_columns(["source_file"]))
 
@@ -563,11 +686,16 @@ def test_previous_day_in_another_layout_is_rebucketed(tmp_path):
             old = read_sequences(storage, "2024-01-02")
             manifest = storage.read_json("sequences", "dt=2024-01-02", "_SUCCESS")
             storage.delete_dir("sequences", "dt=2024-01-02")
-            storage.write_table(old.slice(0, 40), "sequences", "dt=2024-01-02", "part-00000.parquet",
-                                row_group_size=16)
+            storage.write_table(
+                old.slice(0, 40), "sequences", "dt=2024-01-02", "part-00000.parquet", row_group_size=16
+            )
             storage.write_table(old.slice(40), "sequences", "dt=2024-01-02", "part-00001.parquet")
-            storage.write_json({k: v for k, v in manifest.items() if k not in ("layout", "buckets")},
-                               "sequences", "dt=2024-01-02", "_SUCCESS")
+            storage.write_json(
+                {k: v for k, v in manifest.items() if k not in ("layout", "buckets")},
+                "sequences",
+                "dt=2024-01-02",
+                "_SUCCESS",
+            )
         report = prepare(storage, "2024-01-03", PrepareConfig(max_len=500, buckets=8))
         assert report.mode == "incremental" and report.reconciles()
         assert read_sequences(storage, "2024-01-03").sort_by("user_id").equals(expected)
@@ -578,8 +706,10 @@ def test_previous_day_in_another_layout_is_rebucketed(tmp_path):
 
 def test_reconciliation_refuses_to_finish(storage):
     """A task that miscounts: the stage raises and the date's earlier partition stays as it was."""
-    write_events(storage, events(["u1", "u2", "u2"], ["a", "b", "b"], [at(DAY, 1), at(DAY, 2), at(DAY, 2)],
-                                 ["view"] * 3))
+    write_events(
+        storage,
+        events(["u1", "u2", "u2"], ["a", "b", "b"], [at(DAY, 1), at(DAY, 2), at(DAY, 2)], ["view"] * 3),
+    )
     prepare(storage, DAY, PrepareConfig())
     before = read_sequences(storage, DAY).sort_by("user_id")
 
@@ -599,8 +729,9 @@ def test_reconciliation_refuses_to_finish(storage):
 # Unreadable files (issue 18)
 # --------------------------------------------------------------------------------------------
 def _truncated(storage: Storage, name: str) -> str:
-    good = write_events(storage, events([7, 8], [1, 2], [at(DAY, 1), at(DAY, 2)], ["view", "view"]),
-                        name=name)
+    good = write_events(
+        storage, events([7, 8], [1, 2], [at(DAY, 1), at(DAY, 2)], ["view", "view"]), name=name
+    )
     data = storage.read_bytes("events", f"dt={DAY}", name)
     storage.write_bytes(data[: len(data) // 2], "events", f"dt={DAY}", name)  # an upload cut short
     return good
@@ -616,19 +747,22 @@ def test_truncated_file_fails_naming_it(storage):
 
 
 def test_truncated_file_is_quarantined_when_configured(storage):
-    write_events(storage, events([1, None], [1, 2], [at(DAY, 1), at(DAY, 2)], ["view", "view"]),
-                 name="part-00000.parquet")
+    write_events(
+        storage,
+        events([1, None], [1, 2], [at(DAY, 1), at(DAY, 2)], ["view", "view"]),
+        name="part-00000.parquet",
+    )
     bad = _truncated(storage, "part-00001.parquet")
     report = prepare(storage, DAY, PrepareConfig(bad_files="quarantine"))
     assert (report.files_read, report.files_quarantined) == (1, 1)
     assert (report.rows_read, report.rows_kept, report.rows_quarantined) == (2, 1, 1)
     assert report.reconciles()
     assert set(by_user(storage)) == {1}
-    assert not storage.exists("events", f"dt={DAY}", "part-00001.parquet")          # moved aside
+    assert not storage.exists("events", f"dt={DAY}", "part-00001.parquet")  # moved aside
     assert storage.exists("quarantine", f"dt={DAY}", "_files", DAY, "part-00001.parquet")
     reason = storage.read_json("quarantine", f"dt={DAY}", "_files", DAY, "part-00001.parquet.reason.json")
     assert reason["file"] == bad and "magic bytes" in reason["reason"]
-    assert quarantine(storage)["reason"].to_pylist() == ["user_id missing or empty"]   # row tables still read
+    assert quarantine(storage)["reason"].to_pylist() == ["user_id missing or empty"]  # row tables still read
     assert storage.read_json("sequences", f"dt={DAY}", "_SUCCESS")["files_quarantined"] == 1
     # The next run no longer sees the file, and keeps what was moved aside.
     again = prepare(storage, DAY, PrepareConfig(bad_files="quarantine"))
@@ -639,10 +773,11 @@ def test_truncated_file_is_quarantined_when_configured(storage):
 def test_corrupt_pages_behind_a_valid_footer(storage):
     write_events(storage, events([1], [1], [at(DAY, 1)], ["view"]), name="part-00000.parquet")
     name = "part-00001.parquet"
-    write_events(storage, events(list(range(500)), list(range(500)), [at(DAY, 3)] * 500, ["view"] * 500),
-                 name=name)
+    write_events(
+        storage, events(list(range(500)), list(range(500)), [at(DAY, 3)] * 500, ["view"] * 500), name=name
+    )
     data = bytearray(storage.read_bytes("events", f"dt={DAY}", name))
-    data[4:len(data) // 2] = b"\xff" * (len(data) // 2 - 4)       # pages garbled, footer intact
+    data[4 : len(data) // 2] = b"\xff" * (len(data) // 2 - 4)  # pages garbled, footer intact
     storage.write_bytes(bytes(data), "events", f"dt={DAY}", name)
     with pytest.raises(InputError, match=name):
         prepare(storage, DAY, PrepareConfig())

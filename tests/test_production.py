@@ -17,9 +17,9 @@ import pytest
 
 from seqrec import artifact
 from seqrec.config import load_config
-from seqrec.nightly import run_nightly
-from seqrec.prepare import prepare, read_sequences
 from seqrec.lease import Holder
+from seqrec.nightly import run_nightly
+from seqrec.prepare import read_sequences
 from seqrec.publish import history, read_recommendations
 from seqrec.storage import Storage
 from seqrec.synthetic import SyntheticSpec, write_synthetic
@@ -38,7 +38,7 @@ def _one_row_per_user(storage: Storage, date: str) -> None:
     assert len(pc.unique(table["user_id"])) == users
 
 
-OUTAGE_S = 15.0     # longer than pyarrow's own S3 retries (~12.6 s for a refused connection)
+OUTAGE_S = 15.0  # longer than pyarrow's own S3 retries (~12.6 s for a refused connection)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,9 @@ def s3_night(ray_local, s3_server, demo_config):
     """
     import uuid
 
-    import seqrec.nightly as nightly
     from conftest import _AWS_ENV_TO_CLEAR
+
+    import seqrec.nightly as nightly
 
     times: dict[str, float] = {}
     records: list[str] = []
@@ -86,7 +87,7 @@ def s3_night(ray_local, s3_server, demo_config):
 
         def train_and_note_the_end(*args, **kwargs):
             times["records_before_training"] = len(records)
-            watcher.start()                       # its own storage calls come after crash 1
+            watcher.start()  # its own storage calls come after crash 1
             result = real_train(*args, **kwargs)
             times["training_ended"] = time.time()
             return result
@@ -95,8 +96,11 @@ def s3_night(ray_local, s3_server, demo_config):
             deadline = time.time() + 300
             while time.time() < deadline and "training_ended" not in times:
                 try:
-                    found = any(d.startswith("checkpoint_") for run in storage.list_dirs("runs")
-                                for d in storage.list_dirs("runs", run))
+                    found = any(
+                        d.startswith("checkpoint_")
+                        for run in storage.list_dirs("runs")
+                        for d in storage.list_dirs("runs", run)
+                    )
                 except OSError:
                     found = False
                 if found:
@@ -112,7 +116,7 @@ def s3_night(ray_local, s3_server, demo_config):
         root.setLevel(logging.DEBUG)
         watcher = threading.Thread(target=crash_at_first_checkpoint, daemon=True)
         try:
-            with pytest.MonkeyPatch.context() as hooks:           # this night only
+            with pytest.MonkeyPatch.context() as hooks:  # this night only
                 hooks.setattr(nightly, "read_sequences", read_during_an_outage)
                 hooks.setattr(nightly, "train_candidate", train_and_note_the_end)
                 started = time.perf_counter()
@@ -132,7 +136,7 @@ def test_nightly_on_s3_survives_server_crashes(s3_night):
     assert times["crash_1"] < times["back_1"] < times["training_ended"]
     assert times["crash_2"] < times["back_2"] < times["training_ended"], times
     assert times["back_1"] - times["crash_1"] >= OUTAGE_S
-    night_before_training = records[:times["records_before_training"]]     # the night's own calls only
+    night_before_training = records[: times["records_before_training"]]  # the night's own calls only
     retries = [r for r in night_before_training if r.startswith("seqrec.storage WARNING") and "retrying" in r]
     assert retries, "no storage retry was logged"
     _one_row_per_user(storage, SPEC.end_date)
@@ -141,8 +145,9 @@ def test_nightly_on_s3_survives_server_crashes(s3_night):
     assert storage.list_dirs("runs"), "Ray Train checkpoints must live under runs/ in the bucket"
 
 
-def test_no_credential_in_any_log_report_manifest_or_config_of_an_s3_night(s3_night, s3_server, ray_local,
-                                                                            demo_config):
+def test_no_credential_in_any_log_report_manifest_or_config_of_an_s3_night(
+    s3_night, s3_server, ray_local, demo_config
+):
     """The night's log records, every object it wrote (reports, manifests, _SUCCESS, PROMOTED.json,
     model configs, checkpoints), its config dump and the Ray session's logs hold neither the access
     key nor the secret key."""
@@ -152,8 +157,10 @@ def test_no_credential_in_any_log_report_manifest_or_config_of_an_s3_night(s3_ni
 
     storage, _, _, records = s3_night
     credentials = [s3_server.secret_key.encode(), s3_server.access_key.encode()]
-    texts: dict[str, bytes] = {"log records": "\n".join(records).encode(),
-                               "config dump": demo_config.dumps().encode()}
+    texts: dict[str, bytes] = {
+        "log records": "\n".join(records).encode(),
+        "config dump": demo_config.dumps().encode(),
+    }
     infos = storage.filesystem.get_file_info(pafs.FileSelector(storage.path(), recursive=True))
     written = [i.path for i in infos if i.type == pafs.FileType.File]
     assert any(p.endswith("report.json") for p in written)
@@ -197,8 +204,21 @@ def trained_night(ray_local, tmp_path_factory, demo_config):
 
 def _score_args(storage: Storage, ray_local, ttl_s: float) -> list[str]:
     address = ray_local.get_runtime_context().gcs_address
-    return ["score", "--root", storage.root, "--date", SPEC.end_date, "--ray-address", address,
-            "--config", "configs/demo.yaml", "--set", "score.batch_size=64", "--set", f"publish.lease_ttl_s={ttl_s}"]
+    return [
+        "score",
+        "--root",
+        storage.root,
+        "--date",
+        SPEC.end_date,
+        "--ray-address",
+        address,
+        "--config",
+        "configs/demo.yaml",
+        "--set",
+        "score.batch_size=64",
+        "--set",
+        f"publish.lease_ttl_s={ttl_s}",
+    ]
 
 
 def test_scoring_driver_killed_mid_write_keeps_the_previous_night(trained_night, ray_local):
@@ -208,23 +228,30 @@ def test_scoring_driver_killed_mid_write_keeps_the_previous_night(trained_night,
     before = read_recommendations(storage, date)
     files_before = storage.list_files("recommendations", f"dt={date}", suffix=".parquet")
     args = _score_args(storage, ray_local, ttl_s=4)
-    crashed = subprocess.run([sys.executable, "-c", _CRASHING_SCORE, *args], cwd=REPO, capture_output=True,
-                             text=True, timeout=300)
+    crashed = subprocess.run(
+        [sys.executable, "-c", _CRASHING_SCORE, *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     files = storage.list_files("recommendations", f"dt={date}", suffix=".parquet")
     assert len(files) > len(files_before), "the data files were written"
-    assert read_recommendations(storage, date).equals(before)          # readers still see the previous night
+    assert read_recommendations(storage, date).equals(before)  # readers still see the previous night
     rows, _ = duckdb_count(duckdb_connection(storage), storage, date)
     assert rows == before.num_rows
-    shown = subprocess.run([sys.executable, "-m", "seqrec.cli", "show", "--root", storage.root, "--date", date],
-                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    shown = subprocess.run(
+        [sys.executable, "-m", "seqrec.cli", "show", "--root", storage.root, "--date", date],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert f"recommendations for {date}: {before.num_rows} users" in shown.stdout, shown.stderr[-2000:]
 
     # The dead run's lease is left behind; the next run takes it over once it has expired.
     lease = Holder.loads(storage.read_bytes("leases", f"dt={date}.json"))
     time.sleep(max(0.0, lease.renewed_at + lease.ttl_s + 0.5 - time.time()))
-    rerun = subprocess.run([sys.executable, "-m", "seqrec.cli", *args], cwd=REPO, capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run(
+        [sys.executable, "-m", "seqrec.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "took over the lease" in rerun.stderr
     _one_row_per_user(storage, date)
@@ -239,15 +266,25 @@ def test_two_concurrent_runs_of_one_night_exactly_one_publishes(trained_night, r
     storage, date = trained_night, SPEC.end_date
     commits_before = len(history(storage, date))
     args = _score_args(storage, ray_local, ttl_s=60)
-    first = subprocess.Popen([sys.executable, "-m", "seqrec.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "seqrec.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
-        while not storage.exists("leases", f"dt={date}.json") and time.time() < deadline and first.poll() is None:
+        while (
+            not storage.exists("leases", f"dt={date}.json")
+            and time.time() < deadline
+            and first.poll() is None
+        ):
             time.sleep(0.1)
         started = time.perf_counter()
-        second = subprocess.run([sys.executable, "-m", "seqrec.cli", *args], cwd=REPO, capture_output=True,
-                                text=True, timeout=120)
+        second = subprocess.run(
+            [sys.executable, "-m", "seqrec.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
         refused_s = time.perf_counter() - started
         out, err = first.communicate(timeout=300)
     finally:
@@ -275,8 +312,16 @@ def _this_jobs_train_workers(ray_local) -> list[int]:
 
 def test_training_worker_killed_mid_run_restores_from_checkpoint(trained_night, ray_local):
     storage, date = trained_night, SPEC.end_date
-    config = load_config("configs/demo.yaml", ["train.epochs=6", "train.patience=6", "model.max_len=30",
-                                               "prepare.max_len=30", "train.warm_start=false"])
+    config = load_config(
+        "configs/demo.yaml",
+        [
+            "train.epochs=6",
+            "train.patience=6",
+            "model.max_len=30",
+            "prepare.max_len=30",
+            "train.warm_start=false",
+        ],
+    )
     sequences = read_sequences(storage, date, columns=["user_id", "item_ids", "event_types"])
     killed: list[int] = []
     run_name = f"train-killed-{time.time_ns()}"
@@ -298,16 +343,28 @@ def test_training_worker_killed_mid_run_restores_from_checkpoint(trained_night, 
 
     thread = threading.Thread(target=kill_a_worker_after_the_second_checkpoint, daemon=True)
     thread.start()
-    result = train(storage, sequences, model_config=config.model, train_config=config.train,
-                   prepare_config=config.prepare, run_name=run_name)
+    result = train(
+        storage,
+        sequences,
+        model_config=config.model,
+        train_config=config.train,
+        prepare_config=config.prepare,
+        run_name=run_name,
+    )
     thread.join(timeout=10)
     assert killed, "no training worker of this job was found to kill"
-    assert len(result.restores) == 1, result.restores          # exactly one failure, one restore
-    assert result.restores[0] >= 1                             # resumed from a checkpoint, not from scratch
+    assert len(result.restores) == 1, result.restores  # exactly one failure, one restore
+    assert result.restores[0] >= 1  # resumed from a checkpoint, not from scratch
     epochs = [h["epoch"] for h in result.history]
     assert epochs == sorted(set(epochs)) and epochs[-1] == config.train.epochs - 1, epochs
-    uninterrupted = train(storage, sequences, model_config=config.model, train_config=config.train,
-                          prepare_config=config.prepare, run_name=f"train-clean-{time.time_ns()}")
+    uninterrupted = train(
+        storage,
+        sequences,
+        model_config=config.model,
+        train_config=config.train,
+        prepare_config=config.prepare,
+        run_name=f"train-clean-{time.time_ns()}",
+    )
     assert uninterrupted.restores == []
     killed_best, clean_best = result.best_val["val_ndcg@10"], uninterrupted.best_val["val_ndcg@10"]
     print(f"best val NDCG@10: killed {killed_best:.4f}, uninterrupted {clean_best:.4f}")

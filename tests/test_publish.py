@@ -17,8 +17,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from seqrec.config import PublishConfig
-from seqrec.publish import (SUCCESS, PublishError, history, open_table, publish_partition, publish_recommendations,
-                            published_dates, read_partition, read_recommendations, rollback)
+from seqrec.publish import (
+    SUCCESS,
+    PublishError,
+    history,
+    open_table,
+    publish_partition,
+    publish_recommendations,
+    published_dates,
+    read_partition,
+    read_recommendations,
+    rollback,
+)
 from seqrec.storage import Storage
 from seqrec.testing.readers import duckdb_connection, duckdb_count, polars_frame
 
@@ -40,8 +50,12 @@ def any_storage(request, tmp_path) -> Storage:
 
 
 def rows(start: int, n: int) -> pa.Table:
-    return pa.table({"user_id": pa.array(range(start, start + n), pa.int64()),
-                     "items": pa.array([[i, i + 1] for i in range(n)], pa.list_(pa.int64()))})
+    return pa.table(
+        {
+            "user_id": pa.array(range(start, start + n), pa.int64()),
+            "items": pa.array([[i, i + 1] for i in range(n)], pa.list_(pa.int64())),
+        }
+    )
 
 
 def writer(storage: Storage, parts: list[pa.Table], crash_after: int | None = None):
@@ -80,15 +94,24 @@ def test_publish_writes_success_last_with_manifest(storage):
 
 
 def test_crashed_writer_leaves_no_success_and_readers_see_nothing(storage):
-    publish_partition(storage, "recommendations", DATE, writer(storage, [rows(0, 5)]), {"model_version": "v1"})
+    publish_partition(
+        storage, "recommendations", DATE, writer(storage, [rows(0, 5)]), {"model_version": "v1"}
+    )
     assert read_partition(storage, "recommendations", DATE).num_rows == 5
 
     with pytest.raises(RuntimeError, match="worker died"):
-        publish_partition(storage, "recommendations", DATE, writer(storage, [rows(0, 2), rows(2, 2), rows(4, 2)],
-                                                                   crash_after=2), {"model_version": "v2"})
+        publish_partition(
+            storage,
+            "recommendations",
+            DATE,
+            writer(storage, [rows(0, 2), rows(2, 2), rows(4, 2)], crash_after=2),
+            {"model_version": "v2"},
+        )
     assert not storage.exists("recommendations", f"dt={DATE}", SUCCESS)
-    assert len(storage.list_files("recommendations", f"dt={DATE}", suffix=".parquet")) == 2  # half a night on disk
-    assert read_partition(storage, "recommendations", DATE) is None                        # ... that nobody reads
+    assert (
+        len(storage.list_files("recommendations", f"dt={DATE}", suffix=".parquet")) == 2
+    )  # half a night on disk
+    assert read_partition(storage, "recommendations", DATE) is None  # ... that nobody reads
     assert published_dates(storage, "recommendations") == []
 
 
@@ -100,7 +123,9 @@ def test_partition_without_success_reads_as_absent(storage):
 
 
 def test_republish_replaces_the_whole_partition(storage):
-    publish_partition(storage, "recommendations", DATE, writer(storage, [rows(0, 3), rows(3, 3), rows(6, 3)]), {})
+    publish_partition(
+        storage, "recommendations", DATE, writer(storage, [rows(0, 3), rows(3, 3), rows(6, 3)]), {}
+    )
     second = publish_partition(storage, "recommendations", DATE, writer(storage, [rows(100, 2)]), {"run": 2})
     files = storage.list_files("recommendations", f"dt={DATE}")
     assert [f.rsplit("/", 1)[1] for f in files] == ["part-00000.parquet"]
@@ -113,8 +138,9 @@ def test_republish_yields_the_same_rows(storage):
     a = read_partition(storage, "recommendations", DATE)
     second = publish_partition(storage, "recommendations", DATE, writer(storage, [rows(0, 4)]), {"v": 1})
     assert read_partition(storage, "recommendations", DATE).equals(a)
-    assert {k: v for k, v in first.items() if k != "finished_at"} == \
-           {k: v for k, v in second.items() if k != "finished_at"}
+    assert {k: v for k, v in first.items() if k != "finished_at"} == {
+        k: v for k, v in second.items() if k != "finished_at"
+    }
 
 
 def test_readers_use_only_the_files_in_the_manifest(storage):
@@ -125,10 +151,18 @@ def test_readers_use_only_the_files_in_the_manifest(storage):
 
 def test_published_dates_lists_only_complete_partitions(storage):
     for date in ("2024-01-01", "2024-01-03"):
-        publish_partition(storage, "recommendations", date, lambda d: (os.makedirs(d, exist_ok=True),
-                          pq.write_table(rows(0, 1), os.path.join(d, "part-00000.parquet"))), {})
+        publish_partition(
+            storage,
+            "recommendations",
+            date,
+            lambda d: (
+                os.makedirs(d, exist_ok=True),
+                pq.write_table(rows(0, 1), os.path.join(d, "part-00000.parquet")),
+            ),
+            {},
+        )
     storage.write_table(rows(0, 1), "recommendations", "dt=2024-01-02", "part-00000.parquet")  # no _SUCCESS
-    storage.write_bytes(b"{}", "recommendations", "notes", SUCCESS)                              # not a dt= folder
+    storage.write_bytes(b"{}", "recommendations", "notes", SUCCESS)  # not a dt= folder
     assert published_dates(storage, "recommendations") == ["2024-01-01", "2024-01-03"]
     assert published_dates(storage, "nothing-here") == []
 
@@ -145,26 +179,30 @@ def test_empty_partition_publishes_zero_rows(storage):
 # =============================================================================================
 def night(start: int, n: int, tag: str) -> pa.Table:
     """Rows with the published columns (without dt), every row tagged with ``tag`` as model version."""
-    return pa.table({
-        "user_id": pa.array(range(start, start + n), pa.int64()),
-        "items": pa.array([[start + i, start + i + 1] for i in range(n)], pa.list_(pa.int64())),
-        "scores": pa.array([[1.0, 0.5]] * n, pa.list_(pa.float32())),
-        "source": pa.array(["model"] * n, pa.string()),
-        "model_version": pa.array([tag] * n, pa.string()),
-        "generated_at": pa.array([1_700_000_000_000_000] * n, pa.timestamp("us", tz="UTC")),
-    })
+    return pa.table(
+        {
+            "user_id": pa.array(range(start, start + n), pa.int64()),
+            "items": pa.array([[start + i, start + i + 1] for i in range(n)], pa.list_(pa.int64())),
+            "scores": pa.array([[1.0, 0.5]] * n, pa.list_(pa.float32())),
+            "source": pa.array(["model"] * n, pa.string()),
+            "model_version": pa.array([tag] * n, pa.string()),
+            "generated_at": pa.array([1_700_000_000_000_000] * n, pa.timestamp("us", tz="UTC")),
+        }
+    )
 
 
 def files_writer(storage: Storage, parts: list[pa.Table]):
     """A write callback like Ray Data's write_parquet: one uniquely named file per part."""
+
     def write(directory: str) -> None:
         storage.filesystem.create_dir(directory, recursive=True)
         for part in parts:
             pq.write_table(part, f"{directory}/{uuid.uuid4().hex}.parquet", filesystem=storage.filesystem)
+
     return write
 
 
-def publish(storage: Storage, date: str, parts: list[pa.Table], tag: str) -> "object":
+def publish(storage: Storage, date: str, parts: list[pa.Table], tag: str) -> object:
     return publish_recommendations(storage, date, files_writer(storage, parts), {"model_version": tag})
 
 
@@ -182,10 +220,13 @@ def test_delta_table_reads_the_same_in_duckdb_polars_and_pyarrow(any_storage):
     con = duckdb_connection(storage)
     assert duckdb_count(con, storage, DATE) == (5, ["v2"])
     assert duckdb_count(con, storage, "2024-01-01") == (3, ["v1"])
-    duck = con.execute(f"SELECT user_id, items FROM delta_scan('{storage.uri('recommendations')}') "
-                       f"WHERE dt = '{DATE}' ORDER BY user_id").fetchall()
-    assert duck == list(zip(ours.sort_by("user_id")["user_id"].to_pylist(),
-                            ours.sort_by("user_id")["items"].to_pylist()))
+    duck = con.execute(
+        f"SELECT user_id, items FROM delta_scan('{storage.uri('recommendations')}') "
+        f"WHERE dt = '{DATE}' ORDER BY user_id"
+    ).fetchall()
+    assert duck == list(
+        zip(ours.sort_by("user_id")["user_id"].to_pylist(), ours.sort_by("user_id")["items"].to_pylist())
+    )
     frame = polars_frame(storage, DATE)
     assert sorted(frame["user_id"].to_list()) == list(range(100, 105))
     dataset = open_table(storage).to_pyarrow_dataset()
@@ -196,9 +237,17 @@ def test_delta_table_reads_the_same_in_duckdb_polars_and_pyarrow(any_storage):
 
 
 def test_commit_records_model_input_rows_and_timings(storage):
-    publish_recommendations(storage, DATE, files_writer(storage, [night(0, 4, "v1")]),
-                            {"model_version": "v1", "input": "sequences/dt=2024-01-02", "input_snapshot": {"users": 4},
-                             "started_at": "2024-01-03T02:30:00+00:00"})
+    publish_recommendations(
+        storage,
+        DATE,
+        files_writer(storage, [night(0, 4, "v1")]),
+        {
+            "model_version": "v1",
+            "input": "sequences/dt=2024-01-02",
+            "input_snapshot": {"users": 4},
+            "started_at": "2024-01-03T02:30:00+00:00",
+        },
+    )
     (commit,) = history(storage, DATE)
     assert commit["version"] == 0 and commit["operation"] == "publish"
     assert commit["model_version"] == "v1" and commit["rows"] == 4 and commit["files"] == 1
@@ -226,14 +275,14 @@ def test_rollback_restores_the_previous_rows_exactly(any_storage):
     publish(storage, DATE, [night(0, 3, "v1"), night(3, 3, "v1")], "v1")
     good = read_recommendations(storage, DATE).sort_by("user_id")
     publish(storage, DATE, [night(50, 9, "bad")], "bad")
-    publish(storage, "2024-01-01", [night(0, 7, "v3")], "v3")       # another date moves on meanwhile
+    publish(storage, "2024-01-01", [night(0, 7, "v3")], "v3")  # another date moves on meanwhile
     restored = rollback(storage, DATE)
     assert restored.rows == 6 and restored.metadata["restored_version"] == 1
     assert read_recommendations(storage, DATE).sort_by("user_id").equals(good)
-    assert read_recommendations(storage, "2024-01-01").num_rows == 7       # untouched
+    assert read_recommendations(storage, "2024-01-01").num_rows == 7  # untouched
     assert duckdb_count(duckdb_connection(storage), storage, DATE) == (6, ["v1"])
     assert [c["operation"] for c in history(storage, DATE)] == ["rollback", "publish", "publish"]
-    rollback(storage, DATE)                                              # a second rollback undoes the first
+    rollback(storage, DATE)  # a second rollback undoes the first
     assert read_recommendations(storage, DATE)["model_version"].unique().to_pylist() == ["bad"]
 
 
@@ -295,29 +344,44 @@ _KILLED_PUBLISH = textwrap.dedent("""
 def test_publish_killed_before_commit_keeps_the_previous_snapshot_and_next_run_cleans_up(any_storage):
     storage = any_storage
     publish(storage, DATE, [night(0, 4, "v1")], "v1")
-    killed = subprocess.run([sys.executable, "-c", _KILLED_PUBLISH, storage.root, DATE], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_PUBLISH, storage.root, DATE],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     files = storage.list_files("recommendations", f"dt={DATE}", suffix=".parquet")
-    assert len(files) == 3                                            # 1 committed + 2 orphans
+    assert len(files) == 3  # 1 committed + 2 orphans
     assert duckdb_count(duckdb_connection(storage), storage, DATE) == (4, ["v1"])
-    shown = subprocess.run([sys.executable, "-m", "seqrec.cli", "show", "--root", storage.root, "--date", DATE],
-                           cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0 and f"recommendations for {DATE}: 4 users" in shown.stdout, shown.stderr[-2000:]
+    shown = subprocess.run(
+        [sys.executable, "-m", "seqrec.cli", "show", "--root", storage.root, "--date", DATE],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0 and f"recommendations for {DATE}: 4 users" in shown.stdout, shown.stderr[
+        -2000:
+    ]
 
-    publish(storage, DATE, [night(10, 6, "v2")], "v2")                 # the next run
+    publish(storage, DATE, [night(10, 6, "v2")], "v2")  # the next run
     assert duckdb_count(duckdb_connection(storage), storage, DATE) == (6, ["v2"])
-    left = {f.rsplit("/", 1)[1] for f in storage.list_files("recommendations", f"dt={DATE}", suffix=".parquet")}
+    left = {
+        f.rsplit("/", 1)[1] for f in storage.list_files("recommendations", f"dt={DATE}", suffix=".parquet")
+    }
     committed = {p.rsplit("/", 1)[1] for p in open_table(storage).file_uris()}
-    assert len(left) == 2 and committed <= left                         # orphans gone, v1's file kept as history
+    assert len(left) == 2 and committed <= left  # orphans gone, v1's file kept as history
     assert read_recommendations(storage, DATE, as_of=0)["model_version"].unique().to_pylist() == ["v1"]
 
 
 def test_parquet_format_keeps_the_plain_layout_and_formats_do_not_mix(tmp_path):
     plain = Storage(str(tmp_path / "plain"))
     config = PublishConfig(format="parquet")
-    snapshot = publish_recommendations(plain, DATE, files_writer(plain, [night(0, 3, "v1")]), {"model_version": "v1"},
-                                       config)
+    snapshot = publish_recommendations(
+        plain, DATE, files_writer(plain, [night(0, 3, "v1")]), {"model_version": "v1"}, config
+    )
     assert snapshot.version is None and snapshot.rows == 3
     assert plain.exists("recommendations", f"dt={DATE}", SUCCESS)
     assert read_recommendations(plain, DATE).num_rows == 3
@@ -339,7 +403,9 @@ def test_cli_show_as_of_history_and_rollback(storage, capsys):
     publish(storage, DATE, [night(0, 5, "v2")], "v2")
     assert main(["show", "--root", storage.root, "--date", DATE, "--history", "--rows", "1"]) == 0
     out = capsys.readouterr().out
-    assert f"recommendations for {DATE}: 5 users" in out and "version 1: publish" in out and "version 0" in out
+    assert (
+        f"recommendations for {DATE}: 5 users" in out and "version 1: publish" in out and "version 0" in out
+    )
     assert main(["show", "--root", storage.root, "--date", DATE, "--as-of", "0"]) == 0
     assert f"recommendations for {DATE}: 3 users" in capsys.readouterr().out
     assert main(["rollback", "--root", storage.root, "--date", DATE]) == 0

@@ -12,14 +12,22 @@ from seqrec.ranking import rank_unseen, ranking_metrics
 INF = float("inf")
 
 # Row 0 is padding. With the queries below every score is exact in float32 (powers of two).
-ITEMS = torch.tensor([[0.0, 0.0],     # 0 padding
-                      [1.0, 0.0],     # 1
-                      [0.0, 1.0],     # 2
-                      [1.0, 1.0],     # 3
-                      [2.0, -1.0],    # 4
-                      [-1.0, 2.0]])   # 5
-QUERIES = torch.tensor([[1.0, 0.25],   # scores 1, .25, 1.25, 1.75, -.5  -> order 4 3 1 2 5
-                        [0.25, 1.0]])  # scores .25, 1, 1.25, -.5, 1.75  -> order 5 3 2 1 4
+ITEMS = torch.tensor(
+    [
+        [0.0, 0.0],  # 0 padding
+        [1.0, 0.0],  # 1
+        [0.0, 1.0],  # 2
+        [1.0, 1.0],  # 3
+        [2.0, -1.0],  # 4
+        [-1.0, 2.0],
+    ]
+)  # 5
+QUERIES = torch.tensor(
+    [
+        [1.0, 0.25],  # scores 1, .25, 1.25, 1.75, -.5  -> order 4 3 1 2 5
+        [0.25, 1.0],
+    ]
+)  # scores .25, 1, 1.25, -.5, 1.75  -> order 5 3 2 1 4
 NO_HISTORY = torch.zeros(2, 1, dtype=torch.long)
 
 
@@ -47,8 +55,13 @@ def test_seen_and_excluded_items_are_never_returned(chunk_size):
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 16384])
 def test_padding_is_never_returned(chunk_size):
     # Every item scores below the padding row's 0: padding must still not appear.
-    ranked = rank_unseen(torch.tensor([[-1.0, -1.0]]), ITEMS.abs() + 0.5, torch.zeros(1, 1, dtype=torch.long),
-                         k=5, chunk_size=chunk_size)
+    ranked = rank_unseen(
+        torch.tensor([[-1.0, -1.0]]),
+        ITEMS.abs() + 0.5,
+        torch.zeros(1, 1, dtype=torch.long),
+        k=5,
+        chunk_size=chunk_size,
+    )
     assert 0 not in ranked.indices.tolist()[0]
     assert torch.isfinite(ranked.scores).all()
     assert sorted(ranked.indices.tolist()[0]) == [1, 2, 3, 4, 5]
@@ -78,19 +91,27 @@ def test_target_rank(chunk_size):
 
     # A target in the history, an excluded target, and padding as target: inf.
     excluded = torch.tensor([False, False, True, False, False, False])
-    ranked = rank_unseen(QUERIES, ITEMS, seen, k=2, targets=torch.tensor([4, 2]), excluded=excluded,
-                         chunk_size=chunk_size)
+    ranked = rank_unseen(
+        QUERIES, ITEMS, seen, k=2, targets=torch.tensor([4, 2]), excluded=excluded, chunk_size=chunk_size
+    )
     assert ranked.target_rank.tolist() == [INF, INF]
-    ranked = rank_unseen(QUERIES, ITEMS, seen, k=2, targets=torch.tensor([0, 1]), excluded=excluded,
-                         chunk_size=chunk_size)
+    ranked = rank_unseen(
+        QUERIES, ITEMS, seen, k=2, targets=torch.tensor([0, 1]), excluded=excluded, chunk_size=chunk_size
+    )
     assert ranked.target_rank.tolist() == [INF, 1.0]  # items 3, 5 seen, 2 excluded: user 1 order is 1 4
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 16384])
 def test_ties_count_against_the_target(chunk_size):
     # Query (1, 0): items 1 and 3 both score 1, item 4 scores 2.
-    ranked = rank_unseen(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), ITEMS, NO_HISTORY, k=2,
-                         targets=torch.tensor([1, 3]), chunk_size=chunk_size)
+    ranked = rank_unseen(
+        torch.tensor([[1.0, 0.0], [1.0, 0.0]]),
+        ITEMS,
+        NO_HISTORY,
+        k=2,
+        targets=torch.tensor([1, 3]),
+        chunk_size=chunk_size,
+    )
     assert ranked.target_rank.tolist() == [3.0, 3.0]
 
 
@@ -98,7 +119,7 @@ def test_hit_at_k_means_the_target_is_in_the_top_k_list():
     """Evaluation must not count a hit that the served list would not show (popularity has many ties)."""
     torch.manual_seed(3)
     batch, num_items, k = 64, 40, 5
-    table = torch.randint(0, 3, (num_items, 1)).float()         # 3 distinct scores: massive ties
+    table = torch.randint(0, 3, (num_items, 1)).float()  # 3 distinct scores: massive ties
     seen = torch.randint(0, num_items, (batch, 6))
     targets = torch.randint(1, num_items, (batch,))
     ranked = rank_unseen(torch.ones(batch, 1), table, seen, k=k, targets=targets, chunk_size=7)
@@ -134,7 +155,7 @@ def test_random_data_chunking_matches_reference(chunk_size):
     seen = torch.randint(0, num_items, (batch, 12))
     excluded = torch.rand(num_items) < 0.1
     targets = torch.randint(1, num_items, (batch,))
-    targets[:4] = seen[:4, 0].clamp(min=1)          # some targets are in the history
+    targets[:4] = seen[:4, 0].clamp(min=1)  # some targets are in the history
     seen[:4, 0] = targets[:4]
 
     ranked = rank_unseen(queries, items, seen, k, excluded=excluded, targets=targets, chunk_size=chunk_size)
@@ -180,14 +201,16 @@ def test_metrics_hand_computed():
     assert m["hr@1"] == 1
     assert m["ndcg@1"] == pytest.approx(1.0)
     assert m["hr@10"] == 2
-    assert m["ndcg@10"] == pytest.approx(1.0 + 0.5)               # 1/log2(2) + 1/log2(4)
+    assert m["ndcg@10"] == pytest.approx(1.0 + 0.5)  # 1/log2(2) + 1/log2(4)
     assert m["hr@20"] == 3
     assert m["ndcg@20"] == pytest.approx(1.5 + 1 / math.log2(12))
     assert m["mrr"] == pytest.approx(1 + 1 / 3 + 1 / 11)
 
 
-@pytest.mark.parametrize("rank,ndcg10,hr10", [(1.0, 1.0, 1), (3.0, 0.5, 1), (10.0, 1 / math.log2(11), 1),
-                                              (11.0, 0.0, 0), (INF, 0.0, 0)])
+@pytest.mark.parametrize(
+    "rank,ndcg10,hr10",
+    [(1.0, 1.0, 1), (3.0, 0.5, 1), (10.0, 1 / math.log2(11), 1), (11.0, 0.0, 0), (INF, 0.0, 0)],
+)
 def test_single_rank_metrics(rank, ndcg10, hr10):
     m = ranking_metrics(torch.tensor([rank]), [10])
     assert m["ndcg@10"] == pytest.approx(ndcg10)

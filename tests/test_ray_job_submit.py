@@ -47,23 +47,37 @@ def _ray_start(ray: str, args: list[str], env: dict[str, str]) -> None:
     """``ray start``; a failure raises with Ray's own output, which names the cause."""
     done = subprocess.run([ray, "start", *args], env=env, capture_output=True, text=True, timeout=120)
     if done.returncode:
-        raise RuntimeError(f"ray start {' '.join(args)} exited {done.returncode}:\n{(done.stdout + done.stderr)[-3000:]}")
+        raise RuntimeError(
+            f"ray start {' '.join(args)} exited {done.returncode}:\n{(done.stdout + done.stderr)[-3000:]}"
+        )
 
 
 @pytest.fixture(scope="module")
 def two_node_cluster():
     marker = uuid.uuid4().hex[:8]
     temp_dir = f"/tmp/rj-{marker}"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "SEQREC_TEST_CLUSTER": marker,
-           # The job's python is whatever the raylet finds first on PATH: this venv's.
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "SEQREC_TEST_CLUSTER": marker,
+        # The job's python is whatever the raylet finds first on PATH: this venv's.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     ray = str(Path(sys.executable).parent / "ray")
+
     # Every port explicit and free: another Ray on this host (the session's) holds the defaults.
     def node_ports() -> list[str]:
-        return ["--num-cpus=1", "--disable-usage-stats", f"--dashboard-agent-listen-port={_free_port()}",
-                f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-                f"--metrics-export-port={_free_port()}", f"--node-manager-port={_free_port()}",
-                f"--object-manager-port={_free_port()}"]
+        return [
+            "--num-cpus=1",
+            "--disable-usage-stats",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--node-manager-port={_free_port()}",
+            f"--object-manager-port={_free_port()}",
+        ]
 
     try:
         # The head's start failed once in a CI run (its output was not kept). A port found free can be
@@ -72,10 +86,21 @@ def two_node_cluster():
         for attempt in range(2):
             gcs, dashboard = _free_port(), _free_port()
             try:
-                _ray_start(ray, [
-                    "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                    f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}", *node_ports()], env)
+                _ray_start(
+                    ray,
+                    [
+                        "--head",
+                        f"--port={gcs}",
+                        "--node-ip-address=127.0.0.1",
+                        "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1",
+                        f"--dashboard-port={dashboard}",
+                        f"--ray-client-server-port={_free_port()}",
+                        f"--temp-dir={temp_dir}",
+                        *node_ports(),
+                    ],
+                    env,
+                )
                 break
             except RuntimeError as error:
                 if attempt:
@@ -85,8 +110,16 @@ def two_node_cluster():
                 shutil.rmtree(temp_dir, ignore_errors=True)
         # Its own temp dir: two nodes on one host must not share runtime-env folders (each node's
         # agent unpacks the job's working_dir there and would delete it under the other's driver).
-        _ray_start(ray, [f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}-w",
-                         *node_ports()], env)
+        _ray_start(
+            ray,
+            [
+                f"--address=127.0.0.1:{gcs}",
+                "--node-ip-address=127.0.0.1",
+                f"--temp-dir={temp_dir}-w",
+                *node_ports(),
+            ],
+            env,
+        )
         yield f"http://127.0.0.1:{dashboard}", env, ray
     finally:
         _kill_cluster(marker)
@@ -97,13 +130,29 @@ def two_node_cluster():
 def test_ray_job_submit_publishes_the_night(two_node_cluster):
     address, env, ray = two_node_cluster
     root = tempfile.mkdtemp(prefix="seqrec-job-")
-    entrypoint = (f"python jobs/nightly.py --demo --root {root} --config configs/demo.yaml "
-                  "--set train.epochs=3 --set model.max_len=30 --set prepare.max_len=30 --set train.num_workers=2")
+    entrypoint = (
+        f"python jobs/nightly.py --demo --root {root} --config configs/demo.yaml "
+        "--set train.epochs=3 --set model.max_len=30 --set prepare.max_len=30 --set train.num_workers=2"
+    )
     started = time.perf_counter()
     for _ in range(30):  # the job agent registers a few seconds after `ray start` returns
-        job = subprocess.run([ray, "job", "submit", f"--address={address}", f"--working-dir={REPO}",
-                              "--submission-id=seqrec-nightly-2024-01-07", "--", *entrypoint.split()],
-                             env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        job = subprocess.run(
+            [
+                ray,
+                "job",
+                "submit",
+                f"--address={address}",
+                f"--working-dir={REPO}",
+                "--submission-id=seqrec-nightly-2024-01-07",
+                "--",
+                *entrypoint.split(),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+        )
         if "No available agent" not in job.stderr:
             break
         time.sleep(2)
@@ -114,17 +163,45 @@ def test_ray_job_submit_publishes_the_night(two_node_cluster):
     table = read_recommendations(Storage(root), "2024-01-07")
     assert table is not None and table.num_rows == 2000
     # The README's schedules submit each night under the id seqrec-nightly-<date>: Ray refuses a second one.
-    again = subprocess.run([ray, "job", "submit", f"--address={address}", f"--working-dir={REPO}",
-                            "--submission-id=seqrec-nightly-2024-01-07", "--no-wait", "--", *entrypoint.split()],
-                           env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    again = subprocess.run(
+        [
+            ray,
+            "job",
+            "submit",
+            f"--address={address}",
+            f"--working-dir={REPO}",
+            "--submission-id=seqrec-nightly-2024-01-07",
+            "--no-wait",
+            "--",
+            *entrypoint.split(),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert again.returncode != 0 and "already exists" in again.stdout + again.stderr, again.stderr[-2000:]
 
 
 def _submit(address: str, env: dict[str, str], ray: str, entrypoint: str) -> subprocess.CompletedProcess:
     for _ in range(30):  # the job agent registers a few seconds after `ray start` returns
-        job = subprocess.run([ray, "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
-                              *entrypoint.split()], env=env, capture_output=True, text=True, timeout=600,
-                             cwd=REPO)
+        job = subprocess.run(
+            [
+                ray,
+                "job",
+                "submit",
+                f"--address={address}",
+                f"--working-dir={REPO}",
+                "--",
+                *entrypoint.split(),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+        )
         if "No available agent" not in job.stderr:
             return job
         time.sleep(2)
@@ -156,8 +233,13 @@ def test_prepare_runs_on_both_nodes_and_equals_one_node(two_node_cluster, ray_lo
     cluster, local = Storage(str(tmp_path / "cluster")), Storage(str(tmp_path / "local"))
     for storage in (cluster, local):
         write_synthetic(storage, spec)
-    job = _submit(address, env, ray, f"python jobs/prepare.py --root {cluster.root} --date {spec.end_date} "
-                                     "--set prepare.buckets=16 --set prepare.rows_per_task=1000")
+    job = _submit(
+        address,
+        env,
+        ray,
+        f"python jobs/prepare.py --root {cluster.root} --date {spec.end_date} "
+        "--set prepare.buckets=16 --set prepare.rows_per_task=1000",
+    )
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     on_cluster = cluster.read_json("sequences", f"dt={spec.end_date}", "_SUCCESS")
 
@@ -168,11 +250,21 @@ def test_prepare_runs_on_both_nodes_and_equals_one_node(two_node_cluster, ray_lo
 
     single = prepare(local, spec.end_date, PrepareConfig(buckets=16, rows_per_task=1000))
     assert single.nodes == 1
-    assert {k: v for k, v in on_cluster.items() if k != "nodes"} == \
-           {k: v for k, v in single.as_dict().items() if k != "nodes"}
-    assert read_sequences(cluster, spec.end_date).sort_by("user_id").equals(
-        read_sequences(local, spec.end_date).sort_by("user_id"))
-    quarantined = [pa.concat_tables([s.read_table(f[len(s.base) + 1:]).drop_columns(["source_file"])
-                                     for f in s.list_files("quarantine", f"dt={spec.end_date}")])
-                   for s in (cluster, local)]
+    assert {k: v for k, v in on_cluster.items() if k != "nodes"} == {
+        k: v for k, v in single.as_dict().items() if k != "nodes"
+    }
+    assert (
+        read_sequences(cluster, spec.end_date)
+        .sort_by("user_id")
+        .equals(read_sequences(local, spec.end_date).sort_by("user_id"))
+    )
+    quarantined = [
+        pa.concat_tables(
+            [
+                s.read_table(f[len(s.base) + 1 :]).drop_columns(["source_file"])
+                for f in s.list_files("quarantine", f"dt={spec.end_date}")
+            ]
+        )
+        for s in (cluster, local)
+    ]
     assert quarantined[0].num_rows == single.rows_quarantined and quarantined[0].equals(quarantined[1])

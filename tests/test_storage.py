@@ -28,11 +28,13 @@ def storage(root) -> Storage:
 
 
 def _table(n: int = 10) -> pa.Table:
-    return pa.table({
-        "user_id": pa.array(range(n), pa.int64()),
-        "items": pa.array([[i, i + 1] for i in range(n)], pa.list_(pa.int32())),
-        "date": pa.array(["2026-01-01" if i % 2 else "2026-01-02" for i in range(n)]),
-    })
+    return pa.table(
+        {
+            "user_id": pa.array(range(n), pa.int64()),
+            "items": pa.array([[i, i + 1] for i in range(n)], pa.list_(pa.int32())),
+            "date": pa.array(["2026-01-01" if i % 2 else "2026-01-02" for i in range(n)]),
+        }
+    )
 
 
 def test_kind_and_uri(storage, root):
@@ -41,7 +43,7 @@ def test_kind_and_uri(storage, root):
     assert uri.endswith("/a/b.json")
     assert uri.startswith("s3://") == storage.is_s3
     if storage.is_s3:
-        assert storage.path("x") == root[len("s3://"):] + "/x"
+        assert storage.path("x") == root[len("s3://") :] + "/x"
 
 
 def test_json_round_trip(storage):
@@ -78,11 +80,20 @@ def test_parquet_round_trip(storage):
 
 
 def test_list_files_ignores_markers_and_hidden(storage):
-    for name in ["part-0.parquet", "part-1.parquet", "_SUCCESS", ".hidden", "sub/part-2.parquet", "notes.txt"]:
+    for name in [
+        "part-0.parquet",
+        "part-1.parquet",
+        "_SUCCESS",
+        ".hidden",
+        "sub/part-2.parquet",
+        "notes.txt",
+    ]:
         storage.write_bytes(b"x", "out", name)
     files = storage.list_files("out")
     base = storage.path("out")
-    assert files == sorted(f"{base}/{n}" for n in ["notes.txt", "part-0.parquet", "part-1.parquet", "sub/part-2.parquet"])
+    assert files == sorted(
+        f"{base}/{n}" for n in ["notes.txt", "part-0.parquet", "part-1.parquet", "sub/part-2.parquet"]
+    )
     assert storage.list_files("out", suffix=".parquet") == [f for f in files if f.endswith(".parquet")]
     assert storage.list_files("nothing-here") == []
     assert storage.list_dirs("out") == ["sub"]
@@ -119,9 +130,15 @@ def test_upload_download_round_trip(storage, tmp_path):
 def test_hive_partitioned_dataset(storage):
     table = _table(20)
     base = storage.path("events")
-    pads.write_dataset(table, base, filesystem=storage.filesystem, format="parquet",
-                       partitioning=["date"], partitioning_flavor="hive",
-                       existing_data_behavior="overwrite_or_ignore")
+    pads.write_dataset(
+        table,
+        base,
+        filesystem=storage.filesystem,
+        format="parquet",
+        partitioning=["date"],
+        partitioning_flavor="hive",
+        existing_data_behavior="overwrite_or_ignore",
+    )
     assert storage.list_dirs("events") == ["date=2026-01-01", "date=2026-01-02"]
     assert len(storage.list_files("events", suffix=".parquet")) == 2
 
@@ -149,12 +166,16 @@ def test_pickles_by_root(storage):
 
 # -- roots that must be refused --------------------------------------------------------------
 
-@pytest.mark.parametrize("bad, hint", [
-    ("ftp://x", "s3://bucket/prefix"),
-    ("gs://bucket/prefix", "s3://bucket/prefix"),
-    ("s3://", "names no bucket"),
-    ("s3:///prefix-only", "names no bucket"),
-])
+
+@pytest.mark.parametrize(
+    "bad, hint",
+    [
+        ("ftp://x", "s3://bucket/prefix"),
+        ("gs://bucket/prefix", "s3://bucket/prefix"),
+        ("s3://", "names no bucket"),
+        ("s3:///prefix-only", "names no bucket"),
+    ],
+)
 def test_bad_roots_raise_value_error(bad, hint):
     with pytest.raises(ValueError, match=hint) as info:
         Storage(bad)
@@ -183,7 +204,9 @@ def test_retry_gives_up_with_context_and_does_not_retry_missing_files():
     assert retry(flaky, first_delay_s=0.01) == "ok" and len(calls) == 3
 
     with pytest.raises(OSError, match="'thing' failed after 2 attempts"):
-        retry(lambda: (_ for _ in ()).throw(TimeoutError("slow")), attempts=2, first_delay_s=0.01, what="thing")
+        retry(
+            lambda: (_ for _ in ()).throw(TimeoutError("slow")), attempts=2, first_delay_s=0.01, what="thing"
+        )
 
     missing = []
     with pytest.raises(FileNotFoundError):
@@ -192,6 +215,7 @@ def test_retry_gives_up_with_context_and_does_not_retry_missing_files():
 
 
 # -- the S3 server fails under a running job ---------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def fault_server():
@@ -251,15 +275,24 @@ def test_survives_server_down_during_calls(fault_server, fault_storage):
 
 def test_server_rejects_wrong_credentials(fault_server):
     bucket = fault_server.create_bucket("creds-check")
-    bad = pafs.S3FileSystem(access_key=fault_server.access_key, secret_key="wrong-secret",
-                            endpoint_override=f"127.0.0.1:{fault_server.port}", scheme="http",
-                            region="us-east-1", retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+    bad = pafs.S3FileSystem(
+        access_key=fault_server.access_key,
+        secret_key="wrong-secret",
+        endpoint_override=f"127.0.0.1:{fault_server.port}",
+        scheme="http",
+        region="us-east-1",
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+    )
     with pytest.raises(OSError):
         with bad.open_output_stream(f"{bucket}/x") as f:
             f.write(b"nope")
-    anonymous = pafs.S3FileSystem(anonymous=True, endpoint_override=f"127.0.0.1:{fault_server.port}",
-                                  scheme="http", region="us-east-1",
-                                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+    anonymous = pafs.S3FileSystem(
+        anonymous=True,
+        endpoint_override=f"127.0.0.1:{fault_server.port}",
+        scheme="http",
+        region="us-east-1",
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+    )
     with pytest.raises(OSError):
         anonymous.get_file_info(pafs.FileSelector(bucket))
 
@@ -271,13 +304,18 @@ def test_scoring_reader_projects_and_slices(tmp_path):
     from seqrec.storage import Storage, read_parquet_batches
 
     storage = Storage(str(tmp_path))
-    table = pa.table({"user_id": pa.array(range(10), pa.int64()),
-                      "item_ids": pa.array([[1, 2]] * 10, pa.list_(pa.int64())),
-                      "event_types": pa.array([["view", "cart"]] * 10, pa.list_(pa.string())),
-                      "extra": pa.array(["x"] * 10)})
+    table = pa.table(
+        {
+            "user_id": pa.array(range(10), pa.int64()),
+            "item_ids": pa.array([[1, 2]] * 10, pa.list_(pa.int64())),
+            "event_types": pa.array([["view", "cart"]] * 10, pa.list_(pa.string())),
+            "extra": pa.array(["x"] * 10),
+        }
+    )
     storage.write_table(table, "sequences", "dt=2024-01-01", "part-0.parquet", row_group_size=3)
     paths = pa.table({"path": storage.list_files("sequences", "dt=2024-01-01", suffix=".parquet")})
     import pyarrow.parquet as pq
+
     assert pq.read_metadata(paths["path"][0].as_py(), filesystem=storage.filesystem).num_row_groups == 4
     slices = list(read_parquet_batches(paths, storage.root, rows=4, columns=["user_id", "item_ids"]))
     assert [s.num_rows for s in slices] == [4, 4, 2]
@@ -291,7 +329,9 @@ def test_scoring_reader_module_needs_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, seqrec.storage; "
-            "heavy = sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules); print(heavy)")
+    code = (
+        "import sys, seqrec.storage; "
+        "heavy = sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules); print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-os.environ["HF_HUB_OFFLINE"] = "1"          # before transformers is imported: never reach for a hub
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: never reach for a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
@@ -21,18 +21,26 @@ TEXTS = {
     10: "red running shoes",
     20: "red sports shoes",
     30: "kitchen knife",
-    40: "",                     # empty text: zero row
-    50: None,                   # missing text: zero row
-    60: "kitchen knife",        # same text as item 30: encoded once
+    40: "",  # empty text: zero row
+    50: None,  # missing text: zero row
+    60: "kitchen knife",  # same text as item 30: encoded once
     99: "not in the vocabulary",
 }
 VOCAB_IDS = [60, 50, 40, 30, 20, 10, 70]  # not the catalogue's order; 70 has no catalogue row
 
 
 def write_catalogue(storage: Storage, texts: dict[int, str | None]) -> None:
-    storage.write_table(pa.table({"item_id": pa.array(list(texts), pa.int64()),
-                                  "text": pa.array(list(texts.values()), pa.string()),
-                                  "available": pa.array([True] * len(texts))}), "items", "items.parquet")
+    storage.write_table(
+        pa.table(
+            {
+                "item_id": pa.array(list(texts), pa.int64()),
+                "text": pa.array(list(texts.values()), pa.string()),
+                "available": pa.array([True] * len(texts)),
+            }
+        ),
+        "items",
+        "items.parquet",
+    )
 
 
 @pytest.fixture
@@ -79,8 +87,13 @@ def test_packaged_encoder_gives_384_d_unit_vectors():
 
 
 def test_batching_keeps_rows_in_place():
-    texts = ["a much longer title about a blue winter jacket with a hood", "mug", "red running shoes",
-             "kitchen knife", "a paperback novel"]
+    texts = [
+        "a much longer title about a blue winter jacket with a hood",
+        "mug",
+        "red running shoes",
+        "kitchen knife",
+        "a paperback novel",
+    ]
     batched = encode_texts(texts, "minilm", batch_size=2)
     alone = np.concatenate([encode_texts([t], "minilm") for t in texts])
     np.testing.assert_allclose(batched, alone, atol=1e-5)
@@ -104,27 +117,29 @@ def test_missing_catalogue_is_a_clear_error(tmp_path, vocab):
 def test_features_are_aligned_to_vocabulary_indices(storage, vocab):
     features = item_text_features(storage, vocab, "minilm", use_ray=False)
     assert features.dtype == torch.float32 and features.shape == (len(VOCAB_IDS) + 2, 384)
-    assert not features[0].any() and not features[-1].any()          # padding, [MASK]
-    for item_id in (40, 50, 70):                                       # empty, null, no catalogue row
+    assert not features[0].any() and not features[-1].any()  # padding, [MASK]
+    for item_id in (40, 50, 70):  # empty, null, no catalogue row
         assert not row(features, vocab, item_id).any(), item_id
     for item_id in (10, 20, 30, 60):
-        np.testing.assert_allclose(row(features, vocab, item_id), encode_texts([TEXTS[item_id]], "minilm")[0],
-                                   atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(features.numpy(), axis=1).round(4),
-                               [0, 1, 0, 0, 1, 1, 1, 0, 0])           # indices: pad, 60, 50, 40, 30, 20, 10, 70, mask
+        np.testing.assert_allclose(
+            row(features, vocab, item_id), encode_texts([TEXTS[item_id]], "minilm")[0], atol=1e-5
+        )
+    np.testing.assert_allclose(
+        np.linalg.norm(features.numpy(), axis=1).round(4), [0, 1, 0, 0, 1, 1, 1, 0, 0]
+    )  # indices: pad, 60, 50, 40, 30, 20, 10, 70, mask
 
 
 def test_cache_computes_only_new_texts(storage, vocab, encoded):
     first = item_text_features(storage, vocab, "minilm", use_ray=False)
-    assert encoded == [3]                   # three distinct texts; 30 and 60 share one, 99 is not in the vocab
+    assert encoded == [3]  # three distinct texts; 30 and 60 share one, 99 is not in the vocab
 
     second = item_text_features(storage, vocab, "minilm", use_ray=False)
-    assert encoded == [3]                   # everything cached: no encoder call at all
+    assert encoded == [3]  # everything cached: no encoder call at all
     assert torch.equal(first, second)
 
     write_catalogue(storage, {**TEXTS, 20: "stainless steel frying pan"})
     third = item_text_features(storage, vocab, "minilm", use_ray=False)
-    assert encoded == [3, 1]                # only the edited title
+    assert encoded == [3, 1]  # only the edited title
     changed = row(third, vocab, 20)
     np.testing.assert_allclose(changed, encode_texts(["stainless steel frying pan"], "minilm")[0], atol=1e-5)
     assert not np.allclose(changed, row(first, vocab, 20))
@@ -132,15 +147,24 @@ def test_cache_computes_only_new_texts(storage, vocab, encoded):
     assert torch.equal(third[unchanged], first[unchanged])
 
     cache_files = storage.list_files("cache", "text-embeddings", encoder_key("minilm"), suffix=".parquet")
-    assert len(cache_files) == 2            # one file per run that computed something
+    assert len(cache_files) == 2  # one file per run that computed something
 
 
 def test_last_catalogue_row_of_an_item_wins(storage, vocab):
-    storage.write_table(pa.table({"item_id": pa.array([10, 30], pa.int64()),
-                                  "text": pa.array(["blue denim jacket", None], pa.string())}),
-                        "items", "update.parquet")           # sorts after items.parquet
+    storage.write_table(
+        pa.table(
+            {
+                "item_id": pa.array([10, 30], pa.int64()),
+                "text": pa.array(["blue denim jacket", None], pa.string()),
+            }
+        ),
+        "items",
+        "update.parquet",
+    )  # sorts after items.parquet
     features = item_text_features(storage, vocab, "minilm", use_ray=False)
-    np.testing.assert_allclose(row(features, vocab, 10), encode_texts(["blue denim jacket"], "minilm")[0], atol=1e-5)
+    np.testing.assert_allclose(
+        row(features, vocab, 10), encode_texts(["blue denim jacket"], "minilm")[0], atol=1e-5
+    )
     assert not row(features, vocab, 30).any()
     assert row(features, vocab, 60).any()
 
@@ -158,7 +182,7 @@ def test_ray_data_path_matches_in_process(tmp_path, ray_local, encoded):
     write_catalogue(in_process, texts)
 
     ray_features = item_text_features(via_ray, vocab, "minilm", use_ray=True)
-    assert encoded == []                    # the driver encoded nothing: the Ray actor did
+    assert encoded == []  # the driver encoded nothing: the Ray actor did
     local_features = item_text_features(in_process, vocab, "minilm", use_ray=False)
     assert encoded == [50]
     assert ray_features.shape == (52, 384)

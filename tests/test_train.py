@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import time
 from pathlib import Path
@@ -21,8 +20,17 @@ from seqrec.prepare import prepare, read_sequences
 from seqrec.storage import Storage
 from seqrec.synthetic import SyntheticSpec, write_synthetic
 from seqrec.training import train
-from seqrec.training.datasets import (BlockStats, EncodeSplit, SelectUsers, UserSelection, combine_stats,
-                                      item_counts, make_datasets, read_sequences_dataset, sequence_stats)
+from seqrec.training.datasets import (
+    BlockStats,
+    EncodeSplit,
+    SelectUsers,
+    UserSelection,
+    combine_stats,
+    item_counts,
+    make_datasets,
+    read_sequences_dataset,
+    sequence_stats,
+)
 from seqrec.training.loop import lr_factor
 from seqrec.training.warm_start import build_vocabulary, initial_model
 
@@ -37,13 +45,13 @@ def _parent() -> Artifact:
 def test_warm_start_keeps_known_rows_and_appends_new_items():
     parent = _parent()
     grown = parent.vocab.extend(pa.array([40, 10, 5], pa.int64()))
-    assert grown.items.to_pylist() == [10, 20, 30, 5, 40]          # known indices unchanged
+    assert grown.items.to_pylist() == [10, 20, 30, 5, 40]  # known indices unchanged
     model = initial_model(grown, MODEL, parent, None)
     old = parent.model.item_embedding.weight
     new = model.item_embedding.weight
     assert new.shape[0] == grown.num_items + 2
-    torch.testing.assert_close(new[:4], old[:4])                      # padding + the 3 known items
-    torch.testing.assert_close(new[-1], old[-1])                      # [MASK]
+    torch.testing.assert_close(new[:4], old[:4])  # padding + the 3 known items
+    torch.testing.assert_close(new[-1], old[-1])  # [MASK]
     for name, value in parent.model.backbone.state_dict().items():
         torch.testing.assert_close(model.backbone.state_dict()[name], value)
 
@@ -71,8 +79,10 @@ def test_a_promoted_model_with_another_ensemble_size_is_not_warm_started_from():
     parent = _parent()
     model = initial_model(parent.vocab, replace(MODEL, members=2), parent, None)
     assert (model.config.members, model.item_table().shape[1]) == (2, 32)
-    assert not torch.equal(model.backbone.state_dict()["h.0.attn.c_attn.weight"],
-                           parent.model.backbone.state_dict()["h.0.attn.c_attn.weight"])
+    assert not torch.equal(
+        model.backbone.state_dict()["h.0.attn.c_attn.weight"],
+        parent.model.backbone.state_dict()["h.0.attn.c_attn.weight"],
+    )
 
 
 def test_items_never_trained_on_start_from_text_and_stay_out_of_the_softmax():
@@ -81,16 +91,17 @@ def test_items_never_trained_on_start_from_text_and_stay_out_of_the_softmax():
     from seqrec.losses import full_ce
     from seqrec.training.cold_items import never_trained
 
-    vocab = Vocabulary(items=pa.array([10, 20, 30], pa.int64()), event_types=["view"],
-                       counts=np.array([0, 5, 0, 2]))                 # item 20 (index 2) never in training
+    vocab = Vocabulary(
+        items=pa.array([10, 20, 30], pa.int64()), event_types=["view"], counts=np.array([0, 5, 0, 2])
+    )  # item 20 (index 2) never in training
     assert never_trained(vocab.counts).tolist() == [True, False, True, False]
     text = torch.randn(vocab.num_items + 2, 8)
     model = initial_model(vocab, MODEL, None, text)
     weight = model.item_embedding.weight
     assert torch.count_nonzero(weight[2]) == 0 and torch.count_nonzero(weight[1]) > 0
-    assert torch.count_nonzero(weight[-1]) > 0                        # [MASK] untouched
+    assert torch.count_nonzero(weight[-1]) > 0  # [MASK] untouched
     without_text = initial_model(vocab, MODEL, None, None)
-    assert torch.count_nonzero(without_text.item_embedding.weight[2]) > 0   # id-only: ordinary init
+    assert torch.count_nonzero(without_text.item_embedding.weight[2]) > 0  # id-only: ordinary init
 
     # In the loss, an excluded item gets no gradient however high it scores.
     hidden = torch.randn(6, 16, requires_grad=True)
@@ -112,7 +123,7 @@ def test_only_items_without_an_id_row_are_placed_from_text():
 
     parent = _parent()
     grown = parent.vocab.extend(pa.array([40], pa.int64()))
-    grown.counts = np.array([0, 3, 0, 1, 0])                          # 20 quiet tonight, 40 new
+    grown.counts = np.array([0, 3, 0, 1, 0])  # 20 quiet tonight, 40 new
     model = initial_model(grown, MODEL, parent, torch.randn(grown.num_items + 2, 8))
     assert without_id_rows(model, grown.counts).tolist() == [True, False, False, False, True]
 
@@ -121,7 +132,7 @@ def test_learning_rate_warms_up_then_decays_to_zero_on_a_cosine():
     factors = [lr_factor(step, warmup=2, total=10, schedule="cosine") for step in range(12)]
     assert factors[:2] == [0.5, 1.0]
     assert factors[2] == 1.0 and factors[6] == pytest.approx(0.5) and factors[10:] == [0.0, 0.0]
-    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))                      # never rises again
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))  # never rises again
     assert [lr_factor(step, 2, 10, "constant") for step in (0, 5, 50)] == [0.5, 1.0, 1.0]
 
 
@@ -149,8 +160,9 @@ def two_nights(tmp_path_factory):
 
 
 @pytest.mark.parametrize("windows", [True, False])
-def test_vocabulary_counts_and_rows_from_storage_equal_the_in_driver_computation(ray_local, two_nights,
-                                                                                 windows):
+def test_vocabulary_counts_and_rows_from_storage_equal_the_in_driver_computation(
+    ray_local, two_nights, windows
+):
     storage, prepare_config = two_nights
     table = read_sequences(storage, SECOND_DAY, columns=SEQUENCE_COLUMNS)
     expected_vocab = build_vocabulary(table, prepare_config, None)
@@ -174,7 +186,7 @@ def test_vocabulary_counts_and_rows_from_storage_equal_the_in_driver_computation
 
 def _changed_users(storage: Storage) -> set:
     table = read_sequences(storage, SECOND_DAY, columns=["user_id", "ts"])
-    start = dt.datetime(2024, 3, 2, tzinfo=dt.timezone.utc)
+    start = dt.datetime(2024, 3, 2, tzinfo=dt.UTC)
     return {row["user_id"] for row in table.to_pylist() if row["ts"] and max(row["ts"]) >= start}
 
 
@@ -184,15 +196,17 @@ def test_warm_start_selects_users_with_new_events_plus_a_replay_sample(ray_local
     users = read_sequences(storage, SECOND_DAY, columns=["user_id"]).num_rows
     assert 0 < len(changed) < users
     source = read_sequences_dataset(storage, SECOND_DAY, [*SEQUENCE_COLUMNS, "ts"])
-    since = dt.datetime(2024, 3, 2, tzinfo=dt.timezone.utc)
+    since = dt.datetime(2024, 3, 2, tzinfo=dt.UTC)
     plain = sequence_stats(source, SMALL.max_len + 1, True, UserSelection(since, 0.0, SECOND_DAY))
     assert (plain.changed_users, plain.replayed_users, plain.users) == (len(changed), 0, users)
     replayed = sequence_stats(source, SMALL.max_len + 1, True, UserSelection(since, 0.3, SECOND_DAY))
     assert replayed.changed_users == len(changed)
     assert 0.15 * (users - len(changed)) < replayed.replayed_users < 0.45 * (users - len(changed))
-    selected = pa.concat_tables(source.map_batches(SelectUsers(UserSelection(since, 0.0, SECOND_DAY)),
-                                                   batch_format="pyarrow").iter_batches(
-        batch_size=None, batch_format="pyarrow"))
+    selected = pa.concat_tables(
+        source.map_batches(
+            SelectUsers(UserSelection(since, 0.0, SECOND_DAY)), batch_format="pyarrow"
+        ).iter_batches(batch_size=None, batch_format="pyarrow")
+    )
     assert set(selected["user_id"].to_pylist()) == changed
 
 
@@ -200,18 +214,37 @@ def test_a_warm_start_night_trains_on_changed_users_and_stops_at_the_step_budget
     storage, prepare_config = two_nights
     first = read_sequences(storage, FIRST_DAY, columns=SEQUENCE_COLUMNS)
     parent_vocab = build_vocabulary(first, prepare_config, None)
-    parent = Artifact(version="v-first", model=initial_model(parent_vocab, SMALL, None, None),
-                      vocab=parent_vocab, manifest={"training_data": storage.uri("sequences", f"dt={FIRST_DAY}")})
-    train_config = TrainConfig(num_workers=2, cpus_per_worker=0.5, epochs=5, batch_size=32, max_steps=3,
-                               replay_share=0.1, mixed_precision="no", log_every_s=0.0)
-    result = train(storage, SECOND_DAY, model_config=SMALL, train_config=train_config,
-                   prepare_config=prepare_config, run_name=f"warm-{time.time_ns()}", parent=parent)
+    parent = Artifact(
+        version="v-first",
+        model=initial_model(parent_vocab, SMALL, None, None),
+        vocab=parent_vocab,
+        manifest={"training_data": storage.uri("sequences", f"dt={FIRST_DAY}")},
+    )
+    train_config = TrainConfig(
+        num_workers=2,
+        cpus_per_worker=0.5,
+        epochs=5,
+        batch_size=32,
+        max_steps=3,
+        replay_share=0.1,
+        mixed_precision="no",
+        log_every_s=0.0,
+    )
+    result = train(
+        storage,
+        SECOND_DAY,
+        model_config=SMALL,
+        train_config=train_config,
+        prepare_config=prepare_config,
+        run_name=f"warm-{time.time_ns()}",
+        parent=parent,
+    )
     changed = _changed_users(storage)
     assert result.changed_users == len(changed) and result.replayed_users > 0
     assert result.users == len(changed) + result.replayed_users
     assert result.users < read_sequences(storage, SECOND_DAY, columns=["user_id"]).num_rows
     assert result.selection.startswith("warm start") and result.stop_reason == "max_steps"
-    assert len(result.history) == 1 and "val_ndcg@10" in result.history[0]     # validated when it stopped
+    assert len(result.history) == 1 and "val_ndcg@10" in result.history[0]  # validated when it stopped
     assert result.vocab.items.to_pylist()[: parent_vocab.num_items] == parent_vocab.items.to_pylist()
     summary = result.summary()
     assert summary["rows"] == result.rows > 0 and summary["stop_reason"] == "max_steps"
@@ -219,11 +252,18 @@ def test_a_warm_start_night_trains_on_changed_users_and_stops_at_the_step_budget
 
 def test_a_cold_night_from_storage_trains_everyone_and_rank_zero_logs_progress(ray_local, two_nights):
     storage, prepare_config = two_nights
-    train_config = TrainConfig(num_workers=2, cpus_per_worker=0.5, epochs=1, batch_size=32,
-                               mixed_precision="no", log_every_s=0.0)
+    train_config = TrainConfig(
+        num_workers=2, cpus_per_worker=0.5, epochs=1, batch_size=32, mixed_precision="no", log_every_s=0.0
+    )
     run_name = f"cold-{time.time_ns()}"
-    result = train(storage, SECOND_DAY, model_config=SMALL, train_config=train_config,
-                   prepare_config=prepare_config, run_name=run_name)
+    result = train(
+        storage,
+        SECOND_DAY,
+        model_config=SMALL,
+        train_config=train_config,
+        prepare_config=prepare_config,
+        run_name=run_name,
+    )
     users = read_sequences(storage, SECOND_DAY, columns=["user_id"]).num_rows
     assert (result.users, result.replayed_users, result.stop_reason) == (users, 0, "epochs")
     assert result.selection.startswith("all users")
@@ -232,11 +272,17 @@ def test_a_cold_night_from_storage_trains_everyone_and_rank_zero_logs_progress(r
     import ray
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    lines = [line for f in logs.rglob("*") if f.is_file() and f.suffix in (".err", ".out", ".log")
-             for line in f.read_text(errors="replace").splitlines() if "seqrec.training" in line]
+    lines = [
+        line
+        for f in logs.rglob("*")
+        if f.is_file() and f.suffix in (".err", ".out", ".log")
+        for line in f.read_text(errors="replace").splitlines()
+        if "seqrec.training" in line
+    ]
     steps = -(-result.rows // 32)
-    assert any(f"epoch 1/1 step 1/{steps} " in line and "rows/s" in line and "epoch ETA" in line
-               for line in lines), lines[-20:]
+    assert any(
+        f"epoch 1/1 step 1/{steps} " in line and "rows/s" in line and "epoch ETA" in line for line in lines
+    ), lines[-20:]
     assert any("epoch 1/1 validated: train loss" in line for line in lines), lines[-20:]
 
 

@@ -10,12 +10,15 @@ import yaml
 from seqrec.config import Config, DataShape, load_config
 from seqrec.tune import Choice, LogRange, preset, search_space
 
-BEAUTY = DataShape(users=22363, items=12101, interactions=198502, length_p50=6.0, length_p95=21.0,
-                   length_max=204)
-ML_1M = DataShape(users=6040, items=3416, interactions=999611, length_p50=96.0, length_p95=556.0,
-                  length_max=2277)
-HUGE = DataShape(users=40226, items=54542, interactions=353962, length_p50=6.0, length_p95=20.0,
-                 length_max=293)
+BEAUTY = DataShape(
+    users=22363, items=12101, interactions=198502, length_p50=6.0, length_p95=21.0, length_max=204
+)
+ML_1M = DataShape(
+    users=6040, items=3416, interactions=999611, length_p50=96.0, length_p95=556.0, length_max=2277
+)
+HUGE = DataShape(
+    users=40226, items=54542, interactions=353962, length_p50=6.0, length_p95=20.0, length_max=293
+)
 
 
 def test_the_preset_follows_the_data():
@@ -26,10 +29,10 @@ def test_the_preset_follows_the_data():
     assert ml.fields["model.num_layers"] == Choice((2, 3))
     assert beauty.fields["model.num_layers"] == Choice((1, 2))
     assert "ce" in beauty.fields["train.loss"].values
-    assert search_space(HUGE).fields["train.loss"] == Choice(("sampled", "gbce"))   # 54k items: no full CE
+    assert search_space(HUGE).fields["train.loss"] == Choice(("sampled", "gbce"))  # 54k items: no full CE
     assert isinstance(beauty.fields["train.lr"], LogRange)
     tiny = DataShape(users=50, items=40, interactions=500, length_p50=10, length_p95=18, length_max=20)
-    assert search_space(tiny).fields["train.num_negatives"] == Choice((20,))      # fewer negatives than items
+    assert search_space(tiny).fields["train.num_negatives"] == Choice((20,))  # fewer negatives than items
     assert "model.dropout" not in search_space(BEAUTY, fixed={"model.dropout"}).fields
 
 
@@ -43,7 +46,7 @@ def test_the_starting_point_is_always_in_the_space():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)      # 283-490 s at load average 50-65 on 2 cores; past the suite's 600 s at 75
+@pytest.mark.timeout(1200)  # 283-490 s at load average 50-65 on 2 cores; past the suite's 600 s at 75
 def test_a_budgeted_search_writes_a_config_that_loads_and_resumes(ray_local, s3_root, tmp_path, capsys):
     """Two trials of the real training stage (at once) under ASHA on an S3 root, then the same name
     again: restored."""
@@ -57,10 +60,35 @@ def test_a_budgeted_search_writes_a_config_that_loads_and_resumes(ray_local, s3_
     write_synthetic(storage, spec)
     prepare(storage, spec.end_date, load_config().prepare)
     out = tmp_path / "chosen.yaml"
-    args = ["tune", "--root", storage.root, "--date", spec.end_date, "--name", "small", "--trials", "2",
-            "--budget-minutes", "9", "--concurrency", "2", "--out", str(out),
-            "--set", "train.epochs=2", "--set", "train.cpus_per_worker=0.5", "--set", "train.torch_threads=1",
-            "--set", "train.batch_size=64", "--set", "model.hidden_size=16", "--set", "train.num_workers=2"]
+    args = [
+        "tune",
+        "--root",
+        storage.root,
+        "--date",
+        spec.end_date,
+        "--name",
+        "small",
+        "--trials",
+        "2",
+        "--budget-minutes",
+        "9",
+        "--concurrency",
+        "2",
+        "--out",
+        str(out),
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "train.cpus_per_worker=0.5",
+        "--set",
+        "train.torch_threads=1",
+        "--set",
+        "train.batch_size=64",
+        "--set",
+        "model.hidden_size=16",
+        "--set",
+        "train.num_workers=2",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     report = json.loads(storage.read_bytes("tune", "small", "report.json"))
@@ -69,12 +97,12 @@ def test_a_budgeted_search_writes_a_config_that_loads_and_resumes(ray_local, s3_
     assert len(trials) == 2 and {t["stop"] for t in trials} <= {"completed", "cut", "patience"}
     assert all(0 < t["val_ndcg"] <= 1 and 1 <= t["best_epoch"] <= t["epochs"] <= 2 for t in trials)
     assert report["best"] == max(trials, key=lambda t: t["val_ndcg"])
-    assert "model.hidden_size" not in report["space"]                              # --set holds a field fixed
-    assert printed.count("\n") >= 4 and report["best"]["trial"] in printed          # the printed table
+    assert "model.hidden_size" not in report["space"]  # --set holds a field fixed
+    assert printed.count("\n") >= 4 and report["best"]["trial"] in printed  # the printed table
     # The first trial is the starting point: the settings `seqrec nightly` would pick for this data.
     assert any(t["params"]["model.max_len"] == 50 and t["params"]["train.lr"] == 0.001 for t in trials)
 
-    chosen = load_config(out)                                                      # what --config reads
+    chosen = load_config(out)  # what --config reads
     for key, value in report["best"]["params"].items():
         section, name = key.split(".")
         assert getattr(getattr(chosen, section), name) == value
@@ -82,7 +110,7 @@ def test_a_budgeted_search_writes_a_config_that_loads_and_resumes(ray_local, s3_
     stored = storage.read_bytes("tune", "small", "chosen.yaml")
     assert yaml.safe_load(stored) == yaml.safe_load(out.read_text())
     runs = ("tune", "small", "runs")
-    assert storage.list_dirs(*runs) == sorted(t["trial"] for t in trials)           # each trial's run
+    assert storage.list_dirs(*runs) == sorted(t["trial"] for t in trials)  # each trial's run
 
     def checkpoints() -> list[str]:
         return [f"{t}/{c}" for t in storage.list_dirs(*runs) for c in storage.list_dirs(*runs, t)]
@@ -90,9 +118,10 @@ def test_a_budgeted_search_writes_a_config_that_loads_and_resumes(ray_local, s3_
     before = checkpoints()
     assert len(before) >= 2
 
-    assert main(args) == 0                                                         # same name: restored
+    assert main(args) == 0  # same name: restored
     again = json.loads(storage.read_bytes("tune", "small", "report.json"))
     assert again["restored"]
-    assert [(t["trial"], t["val_ndcg"]) for t in again["trials"]] == [(t["trial"], t["val_ndcg"])
-                                                                      for t in trials]
-    assert checkpoints() == before                                                 # nothing trained again
+    assert [(t["trial"], t["val_ndcg"]) for t in again["trials"]] == [
+        (t["trial"], t["val_ndcg"]) for t in trials
+    ]
+    assert checkpoints() == before  # nothing trained again

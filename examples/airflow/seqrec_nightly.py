@@ -25,8 +25,11 @@ ACTIVE = ("PENDING", "RUNNING")
 def night_submissions(client, date: str) -> list:
     """This night's submissions, oldest first."""
     prefix = f"seqrec-nightly-{date}"
-    jobs = [j for j in client.list_jobs()
-            if j.submission_id == prefix or (j.submission_id or "").startswith(prefix + "-")]
+    jobs = [
+        j
+        for j in client.list_jobs()
+        if j.submission_id == prefix or (j.submission_id or "").startswith(prefix + "-")
+    ]
     return sorted(jobs, key=lambda j: j.start_time or 0)
 
 
@@ -51,17 +54,19 @@ def submit_night(date: str, address: str, root: str, poll_s: float = 30.0, clien
             wait_for(client, job.submission_id, poll_s)  # a retry joins the attempt already under way
             return job.submission_id
     submission_id = f"seqrec-nightly-{date}" + (f"-{len(earlier) + 1}" if earlier else "")
-    client.submit_job(submission_id=submission_id,
-                      entrypoint=f"python -m seqrec nightly --root {root} --date {date}",
-                      runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    client.submit_job(
+        submission_id=submission_id,
+        entrypoint=f"python -m seqrec nightly --root {root} --date {date}",
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
+    )
     wait_for(client, submission_id, poll_s)
     return submission_id
 
 
 with DAG(
     dag_id="seqrec_nightly",
-    schedule="30 2 * * *",                 # 02:30 UTC, for the day that just ended ({{ ds }})
-    start_date=dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc),
+    schedule="30 2 * * *",  # 02:30 UTC, for the day that just ended ({{ ds }})
+    start_date=dt.datetime(2024, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": dt.timedelta(minutes=10)},
@@ -70,7 +75,10 @@ with DAG(
     PythonOperator(
         task_id="nightly",
         python_callable=submit_night,
-        op_kwargs={"date": "{{ ds }}", "address": "{{ var.value.seqrec_ray_address }}",
-                   "root": "{{ var.value.seqrec_root }}"},
+        op_kwargs={
+            "date": "{{ ds }}",
+            "address": "{{ var.value.seqrec_ray_address }}",
+            "root": "{{ var.value.seqrec_root }}",
+        },
         execution_timeout=dt.timedelta(hours=4),
     )

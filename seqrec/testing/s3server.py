@@ -34,11 +34,16 @@ __all__ = ["S3Server", "find_weed"]
 
 # Services of ``weed mini`` that listen on TCP; each gets its own free port.
 _PORT_FLAGS = (
-    "master.port", "master.port.grpc",
-    "volume.port", "volume.port.grpc",
-    "filer.port", "filer.port.grpc",
-    "s3.port", "s3.port.grpc",
-    "admin.port", "admin.port.grpc",  # the admin gRPC server starts even with the UI off
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",  # the admin gRPC server starts even with the UI off
 )
 _GRPC_FLAGS = [f for f in _PORT_FLAGS if f.endswith(".grpc")]
 _UNIX_PATH_MAX = 100  # sun_path is 108 bytes on Linux; keep a margin
@@ -157,7 +162,7 @@ class S3Server:
             "-ip.bind=127.0.0.1",
             *[f"-{flag}={port}" for flag, port in self._ports.items()],
             "-s3.port.iceberg=0",  # 0 disables the Iceberg REST catalog
-            "-s3.port.lance=0",    # and the Lance namespace server
+            "-s3.port.lance=0",  # and the Lance namespace server
             "-webdav=false",
             "-admin.ui=false",
             "-master.telemetry=false",
@@ -172,18 +177,20 @@ class S3Server:
 
     def _write_identities(self) -> None:
         identities = {
-            "identities": [{
-                "name": "seqrec-test",
-                "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }]
+            "identities": [
+                {
+                    "name": "seqrec-test",
+                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
         }
         path = self.dir / "s3.json"
         path.write_text(json.dumps(identities, indent=2))
         path.chmod(0o600)
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> "S3Server":
+    def start(self) -> S3Server:
         """Start the server (free ports on first start, the same ones after) and wait until S3 answers."""
         if self.running:
             return self
@@ -215,8 +222,13 @@ class S3Server:
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         t0 = time.monotonic()
         self._proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=self._log_handle, stderr=subprocess.STDOUT,
-            cwd=self.dir, env=child_env, start_new_session=True,
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            cwd=self.dir,
+            env=child_env,
+            start_new_session=True,
         )
         if not self._atexit_registered:
             atexit.register(self.stop)
@@ -282,7 +294,7 @@ class S3Server:
             self._log_handle = None
         self._remove_stale_sockets()
 
-    def restart(self, *, kill: bool = False) -> "S3Server":
+    def restart(self, *, kill: bool = False) -> S3Server:
         """Stop (or with ``kill=True`` crash), then start again on the same ports and data directory."""
         self.stop(kill=kill)
         self.start()
@@ -294,7 +306,7 @@ class S3Server:
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "S3Server":
+    def __enter__(self) -> S3Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -305,8 +317,11 @@ class S3Server:
         # and leaves them behind when killed. Our ports are ours, so these files are ours.
         if self.running:
             return
-        candidates = [Path(f"/tmp/seaweedfs-{flag.split('.')[0]}-grpc-{self._ports[flag]}.sock")
-                      for flag in _GRPC_FLAGS if flag in self._ports]
+        candidates = [
+            Path(f"/tmp/seaweedfs-{flag.split('.')[0]}-grpc-{self._ports[flag]}.sock")
+            for flag in _GRPC_FLAGS
+            if flag in self._ports
+        ]
         candidates += [self.dir / "filer.sock", self.dir / "s3.sock"]
         for p in candidates:
             try:
@@ -328,10 +343,16 @@ class S3Server:
         import pyarrow.fs as pafs
 
         return pafs.S3FileSystem(
-            access_key=self.access_key, secret_key=self.secret_key, region=self.region,
-            endpoint_override=f"127.0.0.1:{self.port}", scheme="http",
-            force_virtual_addressing=False, allow_bucket_creation=True, allow_bucket_deletion=True,
-            connect_timeout=connect_timeout, request_timeout=request_timeout,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            region=self.region,
+            endpoint_override=f"127.0.0.1:{self.port}",
+            scheme="http",
+            force_virtual_addressing=False,
+            allow_bucket_creation=True,
+            allow_bucket_deletion=True,
+            connect_timeout=connect_timeout,
+            request_timeout=request_timeout,
             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
         )
 
@@ -382,8 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     with server:
         for b in args.bucket:
             server.create_bucket(b)
-        print(f"# SeaweedFS S3 at {server.endpoint} (started in {server.last_start_s:.1f}s); "
-              f"data and log in {server.dir}", flush=True)
+        print(
+            f"# SeaweedFS S3 at {server.endpoint} (started in {server.last_start_s:.1f}s); "
+            f"data and log in {server.dir}",
+            flush=True,
+        )
         for key, value in server.env().items():
             print(f"export {key}={value}")
         for b in args.bucket:

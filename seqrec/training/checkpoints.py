@@ -23,26 +23,32 @@ STATE_FILE = "state.json"
 
 @dataclass
 class TrainingState:
-    epoch: int                       # the last finished epoch
-    best: float                      # its selection metric's best value so far
+    epoch: int  # the last finished epoch
+    best: float  # its selection metric's best value so far
     best_epoch: int
-    history: list[dict[str, Any]] = field(default_factory=list)   # one metrics dict per epoch
-    done: bool = False               # the run stopped after this epoch
-    restores: list[int] = field(default_factory=list)   # the epoch each restored attempt resumed at
-    stopped: str = ""                # why: epochs | patience | max_steps | max_minutes
-    steps: int = 0                   # optimizer steps taken so far (the step budget counts them)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per epoch
+    done: bool = False  # the run stopped after this epoch
+    restores: list[int] = field(default_factory=list)  # the epoch each restored attempt resumed at
+    stopped: str = ""  # why: epochs | patience | max_steps | max_minutes
+    steps: int = 0  # optimizer steps taken so far (the step budget counts them)
 
 
 @dataclass
 class Checkpoint:
     state: TrainingState
     best_weights: dict[str, torch.Tensor]
-    weights: dict[str, torch.Tensor] | None = None        # None when read without the resume part
+    weights: dict[str, torch.Tensor] | None = None  # None when read without the resume part
     optimizer: dict[str, Any] | None = None
 
 
-def save_checkpoint(directory: str | Path, state: TrainingState, *, weights: dict[str, torch.Tensor],
-                    best_weights: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> None:
+def save_checkpoint(
+    directory: str | Path,
+    state: TrainingState,
+    *,
+    weights: dict[str, torch.Tensor],
+    best_weights: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+) -> None:
     directory = Path(directory)
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(directory / MODEL_FILE))
     save_file({k: v.detach().cpu().contiguous() for k, v in best_weights.items()}, str(directory / BEST_FILE))
@@ -57,5 +63,9 @@ def load_checkpoint(directory: str | Path, *, resume: bool = True) -> Checkpoint
     best_weights = load_file(str(directory / BEST_FILE))
     if not resume:
         return Checkpoint(state=state, best_weights=best_weights)
-    return Checkpoint(state=state, best_weights=best_weights, weights=load_file(str(directory / MODEL_FILE)),
-                      optimizer=torch.load(directory / OPTIMIZER_FILE, weights_only=True))
+    return Checkpoint(
+        state=state,
+        best_weights=best_weights,
+        weights=load_file(str(directory / MODEL_FILE)),
+        optimizer=torch.load(directory / OPTIMIZER_FILE, weights_only=True),
+    )

@@ -39,9 +39,19 @@ def without_id_rows(model: SeqRecModel, counts: np.ndarray) -> np.ndarray:
     return never_trained(counts) & (rows == 0).all(1).numpy()
 
 
-def place_untrained_items(model: SeqRecModel, rows: np.ndarray, row_types: np.ndarray, untrained: np.ndarray,
-                          *, max_examples: int = 100_000, epochs: int = 2, batch_size: int = 512,
-                          share: float = 0.5, lr: float = 1e-3, seed: int = 0) -> dict[str, float]:
+def place_untrained_items(
+    model: SeqRecModel,
+    rows: np.ndarray,
+    row_types: np.ndarray,
+    untrained: np.ndarray,
+    *,
+    max_examples: int = 100_000,
+    epochs: int = 2,
+    batch_size: int = 512,
+    share: float = 0.5,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> dict[str, float]:
     """Give the items in ``untrained`` (N+1 bool; padding included) rows learned from their text.
 
     A text-aware model learns an item's id row from its interactions only, so an item with none is
@@ -57,29 +67,30 @@ def place_untrained_items(model: SeqRecModel, rows: np.ndarray, row_types: np.nd
     before and after, for the log.
     """
     config = model.config
-    no_column = torch.from_numpy(untrained.copy())                       # padding and untrained: no column
+    no_column = torch.from_numpy(untrained.copy())  # padding and untrained: no column
     cold = no_column.clone()
-    cold[0] = False                                                       # padding stays zero
+    cold[0] = False  # padding stays zero
     if int(cold.sum()) == 0 or model.text_projection is None:
         return {"items": 0}
     generator = torch.Generator().manual_seed(seed)
     num = len(untrained)
     model.eval()
-    with torch.no_grad():                                  # (inference tensors can't enter autograd)
+    with torch.no_grad():  # (inference tensors can't enter autograd)
         text = model.text_features[:num].float().clone()
-        table = model.item_table()[:num].float().clone()                  # (N+1, H) what scoring uses
+        table = model.item_table()[:num].float().clone()  # (N+1, H) what scoring uses
         states, labels = [], []
         items, types = torch.from_numpy(rows), torch.from_numpy(row_types)
         for first in range(0, len(items), 256):
-            batch, batch_types = items[first:first + 256], types[first:first + 256]
-            if config.kind == "causal":                    # every position predicts the next item
+            batch, batch_types = items[first : first + 256], types[first : first + 256]
+            if config.kind == "causal":  # every position predicts the next item
                 inputs, input_types, target = next_item_pairs(batch, batch_types)
                 picked = target != 0
                 states.append(model(inputs, input_types).hidden[picked])
                 labels.append(target[picked])
-            else:                                           # the [MASK] state predicts the last item
-                inputs, input_types = query_inputs(batch[:, :-1], batch_types[:, :-1], config.kind,
-                                                   config.mask_index)
+            else:  # the [MASK] state predicts the last item
+                inputs, input_types = query_inputs(
+                    batch[:, :-1], batch_types[:, :-1], config.kind, config.mask_index
+                )
                 keep = batch[:, -1] != 0
                 states.append(model.user_vectors(inputs, input_types)[keep])
                 labels.append(batch[:, -1][keep])

@@ -28,9 +28,9 @@ from seqrec.evaluate import evaluation_rows
 from seqrec.storage import Storage, read_parquet_batches
 
 ENCODE_BATCH_ROWS = 4096
-TRAINING_HOLDOUT = 2          # test and validation targets
+TRAINING_HOLDOUT = 2  # test and validation targets
 VALIDATION_HOLDOUT = 1
-MIN_TRAINING_LEN = 2          # a row needs an input and a label
+MIN_TRAINING_LEN = 2  # a row needs an input and a label
 # Ray Data tasks of the input pipeline reserve no CPU: they run beside training workers that hold
 # every CPU of a small node (a task that waits for a free CPU there waits forever), and their
 # vectorised encoding costs little next to a training step.
@@ -45,8 +45,14 @@ class EncodeSplit:
     (:func:`seqrec.data.window_index`). Validation rows come from :func:`seqrec.evaluate.evaluation_rows`.
     """
 
-    def __init__(self, vocab: Vocabulary, width: int, holdout: int, min_len: int = MIN_TRAINING_LEN,
-                 windows: bool = False):
+    def __init__(
+        self,
+        vocab: Vocabulary,
+        width: int,
+        holdout: int,
+        min_len: int = MIN_TRAINING_LEN,
+        windows: bool = False,
+    ):
         self.vocab, self.width, self.holdout = vocab, width, holdout
         self.min_len, self.windows = min_len, windows
 
@@ -56,11 +62,12 @@ class EncodeSplit:
         return {"items": enc.items[keep], "event_types": enc.event_types[keep]}
 
 
-def next_item_pairs(items: torch.Tensor, types: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def next_item_pairs(
+    items: torch.Tensor, types: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal training rows (B, T+1) -> inputs, their types and next-item labels (B, T); 0 = no label."""
     inputs, input_types, labels = items[:, :-1], types[:, :-1], items[:, 1:].clone()
-    labels[inputs == 0] = 0               # the first event has no context to predict it from
+    labels[inputs == 0] = 0  # the first event has no context to predict it from
     return inputs, input_types, labels
 
 
@@ -70,8 +77,13 @@ def item_counts(sequences: pa.Table, vocab: Vocabulary, holdout: int = TRAINING_
     return np.bincount(enc.items.ravel(), minlength=vocab.num_items + 1).astype(np.int64)
 
 
-def training_row_count(offsets: np.ndarray, row_width: int, windows: bool,
-                       holdout: int = TRAINING_HOLDOUT, min_len: int = MIN_TRAINING_LEN) -> int:
+def training_row_count(
+    offsets: np.ndarray,
+    row_width: int,
+    windows: bool,
+    holdout: int = TRAINING_HOLDOUT,
+    min_len: int = MIN_TRAINING_LEN,
+) -> int:
     """How many rows :class:`EncodeSplit` makes of sequences with these list ``offsets``.
 
     Every item of tonight's sequences is in tonight's vocabulary, so lengths alone decide.
@@ -89,8 +101,14 @@ def training_row_count(offsets: np.ndarray, row_width: int, windows: bool,
 def unit_hash(values: pa.Array | pa.ChunkedArray, salt: str) -> np.ndarray:
     """A stable pseudo-random number in [0, 1) per value (user id), the same on every machine."""
     salt_bytes = salt.encode()
-    return np.array([int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8, key=salt_bytes).digest(),
-                                    "little") / 2.0**64 for v in values.to_pylist()], dtype=np.float64)
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8, key=salt_bytes).digest(), "little")
+            / 2.0**64
+            for v in values.to_pylist()
+        ],
+        dtype=np.float64,
+    )
 
 
 @dataclass
@@ -99,7 +117,7 @@ class UserSelection:
     a ``replay_share`` of the others (a different sample each night, ``salt``), so that fine-tuning
     on the news does not forget everyone else."""
 
-    since: dt.datetime                  # events at or after this are new to the parent
+    since: dt.datetime  # events at or after this are new to the parent
     replay_share: float
     salt: str
 
@@ -111,7 +129,7 @@ class UserSelection:
         has = lengths > 0
         stamps = pc.cast(flat_ts, pa.timestamp("us", tz="UTC")).cast(pa.int64())
         stamps = stamps.to_numpy(zero_copy_only=False)
-        newest[has] = stamps[offsets[1:][has] - 1]          # lists are oldest first
+        newest[has] = stamps[offsets[1:][has] - 1]  # lists are oldest first
         since_us = int(self.since.timestamp() * 1_000_000)
         changed = newest >= since_us
         replayed = ~changed & (unit_hash(batch["user_id"], self.salt) < self.replay_share)
@@ -144,35 +162,46 @@ class BlockStats:
         lengths = np.diff(offsets)
         position = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
         in_training = position < np.repeat(lengths - TRAINING_HOLDOUT, lengths)
-        per_item = pa.table({"item_id": flat, "count": pa.array(in_training.astype(np.int64))}) \
-            .group_by("item_id").aggregate([("count", "sum")])
+        per_item = (
+            pa.table({"item_id": flat, "count": pa.array(in_training.astype(np.int64))})
+            .group_by("item_id")
+            .aggregate([("count", "sum")])
+        )
         if self.selection is not None:
             changed, replayed = self.selection.masks(batch)
         else:
             changed, replayed = np.ones(len(lengths), bool), np.zeros(len(lengths), bool)
         picked = changed | replayed
         picked_offsets = np.concatenate([[0], np.cumsum(lengths[picked])]).astype(np.int64)
-        ids = pa.ListArray.from_arrays(pa.array([0, per_item.num_rows], pa.int32()),
-                                       per_item["item_id"].combine_chunks())
-        counts = pa.ListArray.from_arrays(pa.array([0, per_item.num_rows], pa.int32()),
-                                          per_item["count_sum"].combine_chunks().cast(pa.int64()))
-        return pa.table({
-            "item_ids": ids, "counts": counts, "users": [len(lengths)],
-            "longest": [int(lengths.max()) if len(lengths) else 0],
-            "changed_users": [int(changed.sum())], "replayed_users": [int(replayed.sum())],
-            "rows": [training_row_count(picked_offsets, self.row_width, self.windows)],
-        })
+        ids = pa.ListArray.from_arrays(
+            pa.array([0, per_item.num_rows], pa.int32()), per_item["item_id"].combine_chunks()
+        )
+        counts = pa.ListArray.from_arrays(
+            pa.array([0, per_item.num_rows], pa.int32()),
+            per_item["count_sum"].combine_chunks().cast(pa.int64()),
+        )
+        return pa.table(
+            {
+                "item_ids": ids,
+                "counts": counts,
+                "users": [len(lengths)],
+                "longest": [int(lengths.max()) if len(lengths) else 0],
+                "changed_users": [int(changed.sum())],
+                "replayed_users": [int(replayed.sum())],
+                "rows": [training_row_count(picked_offsets, self.row_width, self.windows)],
+            }
+        )
 
 
 @dataclass
 class SequenceStats:
-    item_ids: pa.Array                  # every distinct item of the night's sequences
-    counts: np.ndarray                  # their interactions in the training part, aligned
-    users: int                          # users in the sequences
-    longest: int                        # longest history
-    changed_users: int                  # users trained on because of new events (all on a full night)
-    replayed_users: int                 # users trained on as replay (warm-start nights)
-    rows: int                           # training rows of the users trained on
+    item_ids: pa.Array  # every distinct item of the night's sequences
+    counts: np.ndarray  # their interactions in the training part, aligned
+    users: int  # users in the sequences
+    longest: int  # longest history
+    changed_users: int  # users trained on because of new events (all on a full night)
+    replayed_users: int  # users trained on as replay (warm-start nights)
+    rows: int  # training rows of the users trained on
 
     def counts_by_index(self, vocab: Vocabulary) -> np.ndarray:
         """(N+1,) interactions per vocabulary index (0 for padding and for items absent tonight)."""
@@ -193,8 +222,9 @@ def combine_stats(blocks: ray.data.Dataset, compact_every: int = 32) -> Sequence
 
     for batch in blocks.iter_batches(batch_size=None, batch_format="pyarrow"):
         for i in range(batch.num_rows):
-            pending.append(pa.table({"item_id": batch["item_ids"][i].values,
-                                     "count": batch["counts"][i].values}))
+            pending.append(
+                pa.table({"item_id": batch["item_ids"][i].values, "count": batch["counts"][i].values})
+            )
         users += int(pc.sum(batch["users"]).as_py() or 0)
         longest_seen = max(longest_seen, int(pc.max(batch["longest"]).as_py() or 0))
         changed += int(pc.sum(batch["changed_users"]).as_py() or 0)
@@ -205,57 +235,95 @@ def combine_stats(blocks: ray.data.Dataset, compact_every: int = 32) -> Sequence
     if not pending:
         raise ValueError("the sequences hold no users")
     items = compact(pending)
-    return SequenceStats(item_ids=items["item_id"].combine_chunks(),
-                         counts=items["count"].to_numpy().astype(np.int64), users=users, longest=longest_seen,
-                         changed_users=changed, replayed_users=replayed, rows=rows)
+    return SequenceStats(
+        item_ids=items["item_id"].combine_chunks(),
+        counts=items["count"].to_numpy().astype(np.int64),
+        users=users,
+        longest=longest_seen,
+        changed_users=changed,
+        replayed_users=replayed,
+        rows=rows,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Datasets
 # --------------------------------------------------------------------------------------------
-def read_sequences_dataset(storage: Storage, date: str, columns: list[str],
-                           rows_per_block: int = ENCODE_BATCH_ROWS) -> ray.data.Dataset:
+def read_sequences_dataset(
+    storage: Storage, date: str, columns: list[str], rows_per_block: int = ENCODE_BATCH_ROWS
+) -> ray.data.Dataset:
     """``sequences/dt=date`` as a Ray dataset of ``columns``, read ``rows_per_block`` users at a time
     (:func:`seqrec.storage.read_parquet_batches`: bounded memory per read task, as scoring reads)."""
     files = storage.list_files("sequences", f"dt={date}", suffix=".parquet")
     if not files:
-        raise InputError(f"no sequences for {date} under {storage.uri('sequences')}; "
-                         f"run `seqrec prepare --date {date}`")
+        raise InputError(
+            f"no sequences for {date} under {storage.uri('sequences')}; run `seqrec prepare --date {date}`"
+        )
     return ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
-        read_parquet_batches, fn_kwargs=dict(root=storage.root, rows=rows_per_block, columns=columns),
-        batch_size=1, batch_format="pyarrow", num_cpus=INPUT_TASK_CPUS)
+        read_parquet_batches,
+        fn_kwargs=dict(root=storage.root, rows=rows_per_block, columns=columns),
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=INPUT_TASK_CPUS,
+    )
 
 
 def table_dataset(sequences: pa.Table, columns: list[str]) -> ray.data.Dataset:
     """An in-memory table (tests, benchmarks) as the same kind of dataset, in blocks of users."""
     present = [c for c in columns if c in sequences.column_names]
     blocks = max(1, -(-sequences.num_rows // ENCODE_BATCH_ROWS))
-    return ray.data.from_arrow([sequences.select(present).slice(i * ENCODE_BATCH_ROWS, ENCODE_BATCH_ROWS)
-                                for i in range(blocks)])
+    return ray.data.from_arrow(
+        [sequences.select(present).slice(i * ENCODE_BATCH_ROWS, ENCODE_BATCH_ROWS) for i in range(blocks)]
+    )
 
 
-def sequence_stats(source: ray.data.Dataset, row_width: int, windows: bool,
-                   selection: UserSelection | None = None) -> SequenceStats:
-    blocks = source.map_batches(BlockStats(row_width, windows, selection), batch_format="pyarrow",
-                                batch_size=ENCODE_BATCH_ROWS, num_cpus=INPUT_TASK_CPUS)
+def sequence_stats(
+    source: ray.data.Dataset, row_width: int, windows: bool, selection: UserSelection | None = None
+) -> SequenceStats:
+    blocks = source.map_batches(
+        BlockStats(row_width, windows, selection),
+        batch_format="pyarrow",
+        batch_size=ENCODE_BATCH_ROWS,
+        num_cpus=INPUT_TASK_CPUS,
+    )
     return combine_stats(blocks)
 
 
-def make_datasets(source: ray.data.Dataset, vocab: Vocabulary, max_len: int, longest_history: int,
-                  windows: bool = False, selection: UserSelection | None = None
-                  ) -> dict[str, ray.data.Dataset]:
+def make_datasets(
+    source: ray.data.Dataset,
+    vocab: Vocabulary,
+    max_len: int,
+    longest_history: int,
+    windows: bool = False,
+    selection: UserSelection | None = None,
+) -> dict[str, ray.data.Dataset]:
     """``{"train": training rows, "val": validation rows}`` of the selected users, streamed (lazy)."""
     if selection is not None:
-        source = source.map_batches(SelectUsers(selection), batch_format="pyarrow",
-                                    batch_size=ENCODE_BATCH_ROWS, num_cpus=INPUT_TASK_CPUS)
+        source = source.map_batches(
+            SelectUsers(selection),
+            batch_format="pyarrow",
+            batch_size=ENCODE_BATCH_ROWS,
+            num_cpus=INPUT_TASK_CPUS,
+        )
     source = source.select_columns(["item_ids", "event_types"])
-    training_rows = source.map_batches(EncodeSplit(vocab, max_len, holdout=TRAINING_HOLDOUT, windows=windows),
-                                       batch_format="pyarrow", batch_size=ENCODE_BATCH_ROWS,
-                                       num_cpus=INPUT_TASK_CPUS)
+    training_rows = source.map_batches(
+        EncodeSplit(vocab, max_len, holdout=TRAINING_HOLDOUT, windows=windows),
+        batch_format="pyarrow",
+        batch_size=ENCODE_BATCH_ROWS,
+        num_cpus=INPUT_TASK_CPUS,
+    )
     validation_rows = source.map_batches(
-        evaluation_rows, fn_kwargs={"vocab": vocab, "width": max_len, "holdout": VALIDATION_HOLDOUT,
-                                    "seen_width": max(longest_history - VALIDATION_HOLDOUT, 1)},
-        batch_format="pyarrow", batch_size=ENCODE_BATCH_ROWS, num_cpus=INPUT_TASK_CPUS)
+        evaluation_rows,
+        fn_kwargs={
+            "vocab": vocab,
+            "width": max_len,
+            "holdout": VALIDATION_HOLDOUT,
+            "seen_width": max(longest_history - VALIDATION_HOLDOUT, 1),
+        },
+        batch_format="pyarrow",
+        batch_size=ENCODE_BATCH_ROWS,
+        num_cpus=INPUT_TASK_CPUS,
+    )
     return {"train": training_rows, "val": validation_rows}
 
 

@@ -12,8 +12,9 @@ import datetime as dt
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -27,11 +28,17 @@ from seqrec.model import SeqRecModel
 from seqrec.storage import Storage
 from seqrec.training.checkpoints import load_checkpoint
 from seqrec.training.cold_items import PLACEMENT_USERS, place_untrained_items, without_id_rows
-from seqrec.training.datasets import (EncodeSplit, UserSelection, make_datasets, placement_sample,
-                                     read_sequences_dataset, sequence_stats, table_dataset)
+from seqrec.training.datasets import (
+    EncodeSplit,
+    UserSelection,
+    make_datasets,
+    placement_sample,
+    read_sequences_dataset,
+    sequence_stats,
+    table_dataset,
+)
 from seqrec.training.loop import SELECTION_METRIC, WorkerInputs, train_loop_per_worker
-from seqrec.training.warm_start import (build_vocabulary, initial_model, same_architecture,
-                                        training_date)
+from seqrec.training.warm_start import build_vocabulary, initial_model, same_architecture, training_date
 
 log = logging.getLogger("seqrec.training")
 
@@ -45,27 +52,44 @@ class TrainResult:
     best_val: dict[str, float] = field(default_factory=dict)
     run_name: str = ""
     wall_s: float = 0.0
-    parent: str | None = None          # the version training really started from; None: from scratch
-    restores: list[int] = field(default_factory=list)   # the epoch each restored attempt resumed at
-    users: int = 0                      # users trained on
-    rows: int = 0                       # their training rows
-    changed_users: int = 0              # of them: with events since the parent's training data (or all)
-    replayed_users: int = 0             # of them: replayed (warm-start nights)
-    selection: str = ""                 # which users were trained on, and why
-    stop_reason: str = ""               # epochs | patience | max_steps | max_minutes
+    parent: str | None = None  # the version training really started from; None: from scratch
+    restores: list[int] = field(default_factory=list)  # the epoch each restored attempt resumed at
+    users: int = 0  # users trained on
+    rows: int = 0  # their training rows
+    changed_users: int = 0  # of them: with events since the parent's training data (or all)
+    replayed_users: int = 0  # of them: replayed (warm-start nights)
+    selection: str = ""  # which users were trained on, and why
+    stop_reason: str = ""  # epochs | patience | max_steps | max_minutes
 
     def summary(self) -> dict[str, Any]:
         """What the report says about training."""
-        return {"users": self.users, "rows": self.rows, "changed_users": self.changed_users,
-                "replayed_users": self.replayed_users, "selection": self.selection,
-                "stop_reason": self.stop_reason, "best_epoch": self.best_epoch,
-                "epochs": len(self.history), "wall_s": round(self.wall_s, 2)}
+        return {
+            "users": self.users,
+            "rows": self.rows,
+            "changed_users": self.changed_users,
+            "replayed_users": self.replayed_users,
+            "selection": self.selection,
+            "stop_reason": self.stop_reason,
+            "best_epoch": self.best_epoch,
+            "epochs": len(self.history),
+            "wall_s": round(self.wall_s, 2),
+        }
 
 
-def train(storage: Storage, sequences: pa.Table | str, *, model_config: ModelConfig,
-          train_config: TrainConfig, prepare_config: PrepareConfig, run_name: str,
-          parent: Artifact | None = None, text_features_fn: Callable[[Vocabulary], torch.Tensor] | None = None,
-          ks: list[int] | None = None, runs_dir: str = "runs", callbacks: list | None = None) -> TrainResult:
+def train(
+    storage: Storage,
+    sequences: pa.Table | str,
+    *,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    prepare_config: PrepareConfig,
+    run_name: str,
+    parent: Artifact | None = None,
+    text_features_fn: Callable[[Vocabulary], torch.Tensor] | None = None,
+    ks: list[int] | None = None,
+    runs_dir: str = "runs",
+    callbacks: list | None = None,
+) -> TrainResult:
     """Train on ``sequences`` (leave-one-out split) and return the best-on-validation model.
 
     ``sequences``: the date of the ``sequences/dt=DATE`` partition, read from storage with Ray Data
@@ -94,35 +118,70 @@ def train(storage: Storage, sequences: pa.Table | str, *, model_config: ModelCon
         selection, why = None, "all users: the promoted model has another architecture"
         stats = sequence_stats(source, row_width, windows)
     if stats.rows == 0:
-        raise InputError("no user has enough history to train on (need at least 4 known items: 2 to learn "
-                         "from, 1 for validation, 1 for test)")
-    datasets = make_datasets(source, vocab, model_config.max_len, stats.longest, windows=windows,
-                             selection=selection)
+        raise InputError(
+            "no user has enough history to train on (need at least 4 known items: 2 to learn "
+            "from, 1 for validation, 1 for test)"
+        )
+    datasets = make_datasets(
+        source, vocab, model_config.max_len, stats.longest, windows=windows, selection=selection
+    )
     inputs = WorkerInputs(
-        train_config=train_config, model_config=model.config.to_dict(), ks=ks or [10, 20],
+        train_config=train_config,
+        model_config=model.config.to_dict(),
+        ks=ks or [10, 20],
         initial_state=ray.put({k: v.contiguous() for k, v in model.state_dict().items()}),
-        train_rows=stats.rows, item_counts=vocab.counts)
+        train_rows=stats.rows,
+        item_counts=vocab.counts,
+    )
     users = stats.changed_users + stats.replayed_users
-    log.info("training %s model on %d of %d users (%s): %d rows, %d items, %d workers, up to %d epochs "
-             "-> run %s", model_config.kind, users, stats.users, why, stats.rows, vocab.num_items,
-             train_config.num_workers, train_config.epochs, storage.uri(runs_dir, run_name))
+    log.info(
+        "training %s model on %d of %d users (%s): %d rows, %d items, %d workers, up to %d epochs -> run %s",
+        model_config.kind,
+        users,
+        stats.users,
+        why,
+        stats.rows,
+        vocab.num_items,
+        train_config.num_workers,
+        train_config.epochs,
+        storage.uri(runs_dir, run_name),
+    )
     state = _fit(storage, runs_dir, run_name, train_config, inputs, datasets, model, callbacks)
     if model.text_projection is not None and train_config.cold_items == "learned":
         sample = placement_sample(source, stats.users, PLACEMENT_USERS, train_config.seed)
         _place_cold_items(model, vocab, sample, model_config, train_config)
     model.eval()
     best_val = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
-    log.info("training done (%s): best epoch %d, %s %.4f, %.1f s", state.stopped, state.best_epoch,
-             SELECTION_METRIC, best_val.get(SELECTION_METRIC, float("nan")), time.perf_counter() - started)
-    return TrainResult(model=model, vocab=vocab, history=state.history, best_epoch=state.best_epoch,
-                       best_val=best_val, run_name=run_name, wall_s=time.perf_counter() - started,
-                       parent=warm_from, restores=state.restores,
-                       users=users, rows=stats.rows, changed_users=stats.changed_users,
-                       replayed_users=stats.replayed_users, selection=why, stop_reason=state.stopped)
+    log.info(
+        "training done (%s): best epoch %d, %s %.4f, %.1f s",
+        state.stopped,
+        state.best_epoch,
+        SELECTION_METRIC,
+        best_val.get(SELECTION_METRIC, float("nan")),
+        time.perf_counter() - started,
+    )
+    return TrainResult(
+        model=model,
+        vocab=vocab,
+        history=state.history,
+        best_epoch=state.best_epoch,
+        best_val=best_val,
+        run_name=run_name,
+        wall_s=time.perf_counter() - started,
+        parent=warm_from,
+        restores=state.restores,
+        users=users,
+        rows=stats.rows,
+        changed_users=stats.changed_users,
+        replayed_users=stats.replayed_users,
+        selection=why,
+        stop_reason=state.stopped,
+    )
 
 
-def plan_users(parent: Artifact | None, train_config: TrainConfig,
-               date: str | None) -> tuple[UserSelection | None, str]:
+def plan_users(
+    parent: Artifact | None, train_config: TrainConfig, date: str | None
+) -> tuple[UserSelection | None, str]:
     """Which users tonight trains on (None: all), and the reason in words.
 
     A warm start fine-tunes on the users with events after the parent's training night plus a
@@ -140,10 +199,12 @@ def plan_users(parent: Artifact | None, train_config: TrainConfig,
         return None, f"all users: the training night of {parent.version} is unknown"
     if since >= date:
         return None, f"all users: {parent.version} was trained on the sequences of {since}"
-    start = dt.datetime.fromisoformat(since).replace(tzinfo=dt.timezone.utc) + dt.timedelta(days=1)
+    start = dt.datetime.fromisoformat(since).replace(tzinfo=dt.UTC) + dt.timedelta(days=1)
     selection = UserSelection(since=start, replay_share=train_config.replay_share, salt=date)
-    return selection, (f"warm start: users with events since {start.date()} + a "
-                       f"{train_config.replay_share:g} replay sample of the others")
+    return selection, (
+        f"warm start: users with events since {start.date()} + a "
+        f"{train_config.replay_share:g} replay sample of the others"
+    )
 
 
 def _source(storage: Storage, sequences: pa.Table | str, with_ts: bool) -> ray.data.Dataset:
@@ -153,8 +214,16 @@ def _source(storage: Storage, sequences: pa.Table | str, with_ts: bool) -> ray.d
     return table_dataset(sequences, columns)
 
 
-def _fit(storage: Storage, runs_dir: str, run_name: str, train_config: TrainConfig, inputs: WorkerInputs,
-         datasets: dict[str, ray.data.Dataset], model: SeqRecModel, callbacks: list | None):
+def _fit(
+    storage: Storage,
+    runs_dir: str,
+    run_name: str,
+    train_config: TrainConfig,
+    inputs: WorkerInputs,
+    datasets: dict[str, ray.data.Dataset],
+    model: SeqRecModel,
+    callbacks: list | None,
+):
     """Run the workers; load the best weights of the run's last checkpoint into ``model``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -164,10 +233,13 @@ def _fit(storage: Storage, runs_dir: str, run_name: str, train_config: TrainConf
         resources["GPU"] = 1
     trainer = TorchTrainer(
         functools.partial(train_loop_per_worker, inputs),
-        scaling_config=ScalingConfig(num_workers=train_config.num_workers, use_gpu=train_config.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=train_config.num_workers, use_gpu=train_config.use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
-            name=run_name, storage_path=storage.path(runs_dir), callbacks=callbacks,
+            name=run_name,
+            storage_path=storage.path(runs_dir),
+            callbacks=callbacks,
             storage_filesystem=storage.filesystem if storage.is_s3 else None,
             failure_config=FailureConfig(max_failures=train_config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -186,12 +258,27 @@ def _fit(storage: Storage, runs_dir: str, run_name: str, train_config: TrainConf
     return saved.state
 
 
-def _place_cold_items(model: SeqRecModel, vocab: Vocabulary, sample: pa.Table, model_config: ModelConfig,
-                      train_config: TrainConfig) -> None:
+def _place_cold_items(
+    model: SeqRecModel,
+    vocab: Vocabulary,
+    sample: pa.Table,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+) -> None:
     """Fit rows for the items without any from their text, on a sample of users' training rows."""
     rows = EncodeSplit(vocab, model_config.max_len, holdout=2)(sample)
-    fit = place_untrained_items(model, rows["items"], rows["event_types"],
-                                without_id_rows(model, vocab.counts), seed=train_config.seed)
+    fit = place_untrained_items(
+        model,
+        rows["items"],
+        rows["event_types"],
+        without_id_rows(model, vocab.counts),
+        seed=train_config.seed,
+    )
     if fit["items"]:
-        log.info("%d items with no training interaction placed from their text (%d examples, "
-                 "loss %.3f -> %.3f)", fit["items"], fit["examples"], fit["loss_before"], fit["loss_after"])
+        log.info(
+            "%d items with no training interaction placed from their text (%d examples, loss %.3f -> %.3f)",
+            fit["items"],
+            fit["examples"],
+            fit["loss_before"],
+            fit["loss_after"],
+        )

@@ -39,19 +39,25 @@ class WorkerInputs:
     """Everything a worker needs, built once by the driver (:func:`seqrec.training.driver.train`)."""
 
     train_config: TrainConfig
-    model_config: dict[str, Any]            # SeqRecConfig.to_dict() of the initial model
-    initial_state: Any                      # ray.ObjectRef of its weights: put once, read by every rank
-    train_rows: int                         # training rows over all workers (sets the schedule)
-    item_counts: np.ndarray                 # (N+1,) training interactions per index
+    model_config: dict[str, Any]  # SeqRecConfig.to_dict() of the initial model
+    initial_state: Any  # ray.ObjectRef of its weights: put once, read by every rank
+    train_rows: int  # training rows over all workers (sets the schedule)
+    item_counts: np.ndarray  # (N+1,) training interactions per index
     ks: list[int] = field(default_factory=lambda: [10, 20])
 
 
 # --------------------------------------------------------------------------------------------
 # Pieces of a step
 # --------------------------------------------------------------------------------------------
-def training_step_loss(model: torch.nn.Module, core: SeqRecModel, items: torch.Tensor, types: torch.Tensor,
-                       train_config: TrainConfig, log_q: torch.Tensor | None,
-                       out_of_softmax: torch.Tensor | None = None) -> torch.Tensor:
+def training_step_loss(
+    model: torch.nn.Module,
+    core: SeqRecModel,
+    items: torch.Tensor,
+    types: torch.Tensor,
+    train_config: TrainConfig,
+    log_q: torch.Tensor | None,
+    out_of_softmax: torch.Tensor | None = None,
+) -> torch.Tensor:
     """items/types: (B, T+1) left-padded training rows.
 
     ``model`` is what the forward goes through (the DDP wrapper, so gradients are synchronised);
@@ -60,7 +66,7 @@ def training_step_loss(model: torch.nn.Module, core: SeqRecModel, items: torch.T
     """
     config = core.config
     if config.kind == "causal":
-        inputs, input_types, labels = next_item_pairs(items, types)                        # (B, T)
+        inputs, input_types, labels = next_item_pairs(items, types)  # (B, T)
     else:
         inputs, input_types = items[:, 1:].clone(), types[:, 1:].clone()
         real = inputs != 0
@@ -73,17 +79,27 @@ def training_step_loss(model: torch.nn.Module, core: SeqRecModel, items: torch.T
     keep_ids = None
     if config.text_dim and train_config.id_dropout > 0:
         keep_ids = (torch.rand(config.num_items + 2, device=items.device) >= train_config.id_dropout).float()
-        keep_ids[-1] = 1.0                                          # [MASK] has no text to fall back on
+        keep_ids[-1] = 1.0  # [MASK] has no text to fall back on
     hidden = model(inputs, input_types, keep_ids=keep_ids).hidden  # (B, T, width)
     picked = labels != 0
-    table = core.item_table(keep_ids)[: config.num_items + 1]      # (N+1, width) without [MASK]
+    table = core.item_table(keep_ids)[: config.num_items + 1]  # (N+1, width) without [MASK]
     # Each ensemble member is trained on its own loss (its own slice of states and items), as a
     # separately trained model would be; a loss of the summed scores would train one wide model.
-    return sum(item_loss(train_config.loss, states, labels[picked], member_items, log_q=log_q,
-                         num_negatives=train_config.num_negatives, gbce_t=train_config.gbce_t,
-                         excluded=out_of_softmax)
-               for states, member_items in zip(hidden[picked].split(config.hidden_size, dim=-1),
-                                               table.split(config.hidden_size, dim=-1)))
+    return sum(
+        item_loss(
+            train_config.loss,
+            states,
+            labels[picked],
+            member_items,
+            log_q=log_q,
+            num_negatives=train_config.num_negatives,
+            gbce_t=train_config.gbce_t,
+            excluded=out_of_softmax,
+        )
+        for states, member_items in zip(
+            hidden[picked].split(config.hidden_size, dim=-1), table.split(config.hidden_size, dim=-1)
+        )
+    )
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -157,7 +173,7 @@ def log_to_stderr(logger_name: str = "seqrec") -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
-        logger.propagate = False             # a root handler, where one exists, would print it twice
+        logger.propagate = False  # a root handler, where one exists, would print it twice
 
 
 def _duration(seconds: float) -> str:
@@ -166,8 +182,10 @@ def _duration(seconds: float) -> str:
 
 
 def progress_line(epoch: int, epochs: int, step: int, steps: int, rows_per_s: float, eta_s: float) -> str:
-    return (f"epoch {epoch + 1}/{epochs} step {step}/{steps} {rows_per_s:,.0f} rows/s "
-            f"epoch ETA {_duration(eta_s)}")
+    return (
+        f"epoch {epoch + 1}/{epochs} step {step}/{steps} {rows_per_s:,.0f} rows/s "
+        f"epoch ETA {_duration(eta_s)}"
+    )
 
 
 class Progress:
@@ -189,14 +207,25 @@ class Progress:
         self.last = now
         elapsed = max(now - self.started, 1e-9)
         eta = (self.steps_per_epoch - step) * elapsed / max(step, 1)
-        log.info(progress_line(self.epoch, self.epochs, step, self.steps_per_epoch,
-                               rows * self.world / elapsed, eta))
+        log.info(
+            progress_line(
+                self.epoch, self.epochs, step, self.steps_per_epoch, rows * self.world / elapsed, eta
+            )
+        )
 
     def validated(self, metrics: dict[str, Any], best: float, best_epoch: int) -> None:
         if self.enabled:
-            log.info("epoch %d/%d validated: train loss %.4f, %s %.4f (best %.4f at epoch %d), %.1f s",
-                     self.epoch + 1, self.epochs, metrics["train_loss"], SELECTION_METRIC,
-                     metrics[SELECTION_METRIC], best, best_epoch + 1, time.perf_counter() - self.started)
+            log.info(
+                "epoch %d/%d validated: train loss %.4f, %s %.4f (best %.4f at epoch %d), %.1f s",
+                self.epoch + 1,
+                self.epochs,
+                metrics["train_loss"],
+                SELECTION_METRIC,
+                metrics[SELECTION_METRIC],
+                best,
+                best_epoch + 1,
+                time.perf_counter() - self.started,
+            )
 
 
 class Budget:
@@ -229,14 +258,15 @@ def _log_q(train_config: TrainConfig, item_counts: np.ndarray, device: torch.dev
     if train_config.loss != "sampled":
         return None
     counts = torch.tensor(np.asarray(item_counts), dtype=torch.float64) + 1.0
-    if train_config.negatives == "uniform":          # a constant log-q: the correction cancels
+    if train_config.negatives == "uniform":  # a constant log-q: the correction cancels
         counts = torch.ones_like(counts)
     counts[0] = 0.0
     return (counts / counts.sum()).log().float().to(device)
 
 
-def _restore(model: SeqRecModel, optimizer: torch.optim.Optimizer, rank: int
-             ) -> tuple[TrainingState | None, dict[str, torch.Tensor]]:
+def _restore(
+    model: SeqRecModel, optimizer: torch.optim.Optimizer, rank: int
+) -> tuple[TrainingState | None, dict[str, torch.Tensor]]:
     """The state of the run's latest checkpoint, loaded into ``model`` and ``optimizer`` (after a fault)."""
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
@@ -249,16 +279,28 @@ def _restore(model: SeqRecModel, optimizer: torch.optim.Optimizer, rank: int
     return saved.state, saved.best_weights
 
 
-def _train_epoch(model, core, optimizer, scheduler, accelerator, batches, train_config: TrainConfig,
-                 log_q, out_of_softmax, progress: Progress, budget: Budget) -> tuple[dict[str, float], str]:
+def _train_epoch(
+    model,
+    core,
+    optimizer,
+    scheduler,
+    accelerator,
+    batches,
+    train_config: TrainConfig,
+    log_q,
+    out_of_softmax,
+    progress: Progress,
+    budget: Budget,
+) -> tuple[dict[str, float], str]:
     """One pass over this rank's shard, or less when a budget runs out; returns its sums (loss,
     steps, rows) and the budget that stopped it ("" if none did)."""
     model.train()
     loss_sum, steps, rows_trained, spent = 0.0, 0, 0, ""
     for batch in batches:
         with accelerator.autocast():
-            loss = training_step_loss(model, core, batch["items"], batch["event_types"], train_config, log_q,
-                                      out_of_softmax)
+            loss = training_step_loss(
+                model, core, batch["items"], batch["event_types"], train_config, log_q, out_of_softmax
+            )
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
@@ -273,15 +315,26 @@ def _train_epoch(model, core, optimizer, scheduler, accelerator, batches, train_
     return {"loss_sum": loss_sum, "steps": float(steps), "rows": float(rows_trained)}, spent
 
 
-def _report(rank: int, metrics: dict[str, Any], state: TrainingState, core: SeqRecModel,
-            best_weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+def _report(
+    rank: int,
+    metrics: dict[str, Any],
+    state: TrainingState,
+    core: SeqRecModel,
+    best_weights: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+) -> None:
     """Every rank reports its metrics; only rank 0 attaches the checkpoint (Ray Train's rule)."""
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as directory:
-        save_checkpoint(directory, state, weights=core.state_dict(), best_weights=best_weights,
-                        optimizer=optimizer.state_dict())
+        save_checkpoint(
+            directory,
+            state,
+            weights=core.state_dict(),
+            best_weights=best_weights,
+            optimizer=optimizer.state_dict(),
+        )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -306,22 +359,27 @@ def train_loop_per_worker(inputs: WorkerInputs) -> None:
 
     model = SeqRecModel(SeqRecConfig(**inputs.model_config))
     model.load_state_dict(ray.get(inputs.initial_state))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr,
-                                  weight_decay=train_config.weight_decay, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay, betas=(0.9, 0.98)
+    )
     restored, best_weights = _restore(model, optimizer, rank)
     state = restored or TrainingState(epoch=-1, best=-1.0, best_epoch=-1)
     start_epoch = state.epoch + 1
     if restored:
-        state.restores.append(start_epoch)           # each restore is one recorded failure of the run
+        state.restores.append(start_epoch)  # each restore is one recorded failure of the run
 
     per_worker_batch = max(1, train_config.batch_size // world)
     steps_per_epoch = -(-inputs.train_rows // (per_worker_batch * world))
     total_steps = train_config.epochs * steps_per_epoch
     if train_config.max_steps:
-        total_steps = min(total_steps, train_config.max_steps)     # the schedule ends with the budget
-    done_steps = state.steps or start_epoch * steps_per_epoch     # a restored run resumes its schedule
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        done_steps + step, train_config.warmup_steps, total_steps, train_config.lr_schedule))
+        total_steps = min(total_steps, train_config.max_steps)  # the schedule ends with the budget
+    done_steps = state.steps or start_epoch * steps_per_epoch  # a restored run resumes its schedule
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(
+            done_steps + step, train_config.warmup_steps, total_steps, train_config.lr_schedule
+        ),
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
     log_q = _log_q(train_config, inputs.item_counts, device)
@@ -338,16 +396,33 @@ def train_loop_per_worker(inputs: WorkerInputs) -> None:
         started = time.perf_counter()
         progress.start_epoch(epoch)
         batches = train_shard.iter_torch_batches(
-            batch_size=per_worker_batch, dtypes=torch.long, device=str(device),
+            batch_size=per_worker_batch,
+            dtypes=torch.long,
+            device=str(device),
             local_shuffle_buffer_size=per_worker_batch * 4,
-            local_shuffle_seed=train_config.seed + epoch * 131 + rank)
-        sums, spent = _train_epoch(model, core, optimizer, scheduler, accelerator, batches, train_config,
-                                   log_q, out_of_softmax, progress, budget)
+            local_shuffle_seed=train_config.seed + epoch * 131 + rank,
+        )
+        sums, spent = _train_epoch(
+            model,
+            core,
+            optimizer,
+            scheduler,
+            accelerator,
+            batches,
+            train_config,
+            log_q,
+            out_of_softmax,
+            progress,
+            budget,
+        )
         train_s = time.perf_counter() - started
         sums = reduce_sums(sums)
-        metrics = {"epoch": epoch, "train_loss": sums["loss_sum"] / max(sums["steps"], 1.0),
-                   "train_seq_per_s": sums["rows"] / max(train_s, 1e-9),
-                   "replicas_in_sync": replicas_in_sync(core)}
+        metrics = {
+            "epoch": epoch,
+            "train_loss": sums["loss_sum"] / max(sums["steps"], 1.0),
+            "train_seq_per_s": sums["rows"] / max(train_s, 1e-9),
+            "replicas_in_sync": replicas_in_sync(core),
+        }
         if _should_validate(epoch, train_config, stopping=bool(spent)):
             val_batches = val_shard.iter_torch_batches(batch_size=VALIDATION_BATCH_ROWS, dtypes=torch.long)
             val_sums = evaluate_batches(core, val_batches, inputs.ks, device, bf16=mixed == "bf16")
@@ -357,13 +432,14 @@ def train_loop_per_worker(inputs: WorkerInputs) -> None:
                 patience_left = train_config.patience
                 best_weights = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
             else:
-                patience_left -= 1                 # patience counts validations, all ranks alike
+                patience_left -= 1  # patience counts validations, all ranks alike
             progress.validated(metrics, state.best, state.best_epoch)
         metrics["epoch_s"] = time.perf_counter() - started
         state.epoch, state.steps = epoch, budget.steps
         state.history.append(metrics)
-        state.stopped = spent or ("patience" if patience_left <= 0 else
-                                  "epochs" if epoch == train_config.epochs - 1 else "")
+        state.stopped = spent or (
+            "patience" if patience_left <= 0 else "epochs" if epoch == train_config.epochs - 1 else ""
+        )
         state.done = bool(state.stopped)
         _report(rank, metrics, state, core, best_weights, optimizer)
         if state.done:

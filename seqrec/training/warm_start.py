@@ -25,8 +25,9 @@ def event_type_vocabulary(prepare_config: PrepareConfig) -> list[str]:
     return list(dict.fromkeys([*prepare_config.event_types, prepare_config.default_event_type]))
 
 
-def build_vocabulary(sequences: pa.Table | pa.Array, prepare_config: PrepareConfig,
-                     parent: Artifact | None) -> Vocabulary:
+def build_vocabulary(
+    sequences: pa.Table | pa.Array, prepare_config: PrepareConfig, parent: Artifact | None
+) -> Vocabulary:
     """Tonight's items: the parent's indices kept and new items appended, or a fresh vocabulary.
 
     ``sequences``: the night's sequences, or the distinct items in them.
@@ -37,12 +38,19 @@ def build_vocabulary(sequences: pa.Table | pa.Array, prepare_config: PrepareConf
     return Vocabulary.build(flat, event_type_vocabulary(prepare_config))
 
 
-def initial_model(vocab: Vocabulary, model_config: ModelConfig, parent: Artifact | None,
-                  text_features: torch.Tensor | None) -> SeqRecModel:
+def initial_model(
+    vocab: Vocabulary, model_config: ModelConfig, parent: Artifact | None, text_features: torch.Tensor | None
+) -> SeqRecModel:
     """A fresh model, or the parent's weights grown to the new vocabulary."""
-    model = SeqRecModel(SeqRecConfig.from_model_config(
-        model_config, num_items=vocab.num_items, num_event_types=len(vocab.event_types),
-        text_dim=0 if text_features is None else text_features.shape[1], event_types=vocab.event_types))
+    model = SeqRecModel(
+        SeqRecConfig.from_model_config(
+            model_config,
+            num_items=vocab.num_items,
+            num_event_types=len(vocab.event_types),
+            text_dim=0 if text_features is None else text_features.shape[1],
+            event_types=vocab.event_types,
+        )
+    )
     if text_features is not None:
         model.text_features.copy_(text_features)
     if parent is None:
@@ -55,19 +63,29 @@ def initial_model(vocab: Vocabulary, model_config: ModelConfig, parent: Artifact
         log.warning("promoted model %s has another architecture; training from scratch", parent.version)
         return model
     _copy_parent_weights(parent, model, new_items_from_text=text_features is not None)
-    log.info("warm start from %s: %d known items kept, %d new", parent.version, parent.vocab.num_items,
-             vocab.num_items - parent.vocab.num_items)
+    log.info(
+        "warm start from %s: %d known items kept, %d new",
+        parent.version,
+        parent.vocab.num_items,
+        vocab.num_items - parent.vocab.num_items,
+    )
     return model
 
 
 def same_architecture(parent: SeqRecModel, model: SeqRecModel) -> bool:
     """Every tensor but the vocabulary-sized ones has the same shape, and inputs mean the same."""
     old, new = parent.state_dict(), model.state_dict()
-    same_shapes = all(old[k].shape == new[k].shape for k in new if k in old and "item_embedding" not in k
-                      and "text_features" not in k)
-    return (same_shapes and parent.config.kind == model.config.kind
-            and parent.config.scale_embeddings == model.config.scale_embeddings
-            and parent.config.members == model.config.members)
+    same_shapes = all(
+        old[k].shape == new[k].shape
+        for k in new
+        if k in old and "item_embedding" not in k and "text_features" not in k
+    )
+    return (
+        same_shapes
+        and parent.config.kind == model.config.kind
+        and parent.config.scale_embeddings == model.config.scale_embeddings
+        and parent.config.members == model.config.members
+    )
 
 
 def _copy_parent_weights(parent: Artifact, model: SeqRecModel, new_items_from_text: bool) -> None:
@@ -75,12 +93,12 @@ def _copy_parent_weights(parent: Artifact, model: SeqRecModel, new_items_from_te
     old_items = parent.vocab.num_items
     for key, value in old.items():
         if key == "item_embedding.weight":
-            new[key][: old_items + 1] = value[: old_items + 1]     # padding + known items keep their rows
+            new[key][: old_items + 1] = value[: old_items + 1]  # padding + known items keep their rows
             if new_items_from_text:
-                new[key][old_items + 1:] = 0.0                      # new items start from their text alone
-            new[key][-1] = value[-1]                                # [MASK]
+                new[key][old_items + 1 :] = 0.0  # new items start from their text alone
+            new[key][-1] = value[-1]  # [MASK]
         elif key == "text_features":
-            continue                                                 # recomputed for the grown vocabulary
+            continue  # recomputed for the grown vocabulary
         elif key in new and new[key].shape == value.shape:
             new[key] = value
     model.load_state_dict(new)
