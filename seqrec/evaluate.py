@@ -165,7 +165,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of ``model`` and of popularity on the validation and test targets, in this process.
 
-    ``never_recommend``: (N+1,) bool, items never ranked (:func:`seqrec.score.unavailable_items`).
+    ``never_recommend``: (N+1,) bool, items never ranked (:func:`seqrec.catalogue.unavailable_items`).
     """
     mask = None if never_recommend is None else torch.from_numpy(never_recommend)
     model.eval()

@@ -20,14 +20,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 from seqrec import artifact as artifacts
-from seqrec.catalogue import read_catalogue
+from seqrec.catalogue import unavailable_items  # re-exported: scoring and evaluation share it
 from seqrec.config import PublishConfig, ScoreConfig
-from seqrec.data import SEQUENCE_COLUMNS, Vocabulary, encode, longest, sampled
+from seqrec.data import SEQUENCE_COLUMNS, encode, longest, sampled
 from seqrec.errors import NotFoundError
 from seqrec.lease import hold_night
 from seqrec.model import query_inputs
@@ -53,18 +52,6 @@ def output_schema(user_type: pa.DataType, item_type: pa.DataType) -> pa.Schema:
             ("generated_at", pa.timestamp("us", tz="UTC")),
         ]
     )
-
-
-def unavailable_items(storage: Storage, vocab: Vocabulary) -> np.ndarray:
-    """(N+1,) bool: items never recommended: the catalogue's unavailable ones, and padding."""
-    unavailable = np.zeros(vocab.num_items + 1, dtype=bool)
-    unavailable[0] = True
-    catalogue = read_catalogue(storage)
-    if catalogue is not None and "available" in catalogue.column_names:
-        off = catalogue.filter(pc.invert(pc.fill_null(catalogue["available"], True)))["item_id"]
-        index = vocab.lookup(off)
-        unavailable[index[index > 0]] = True
-    return unavailable
 
 
 class RankingModel:
