@@ -103,6 +103,8 @@ def test_demo_night_prints_the_story_without_rays_harmless_lines(tmp_path):
     for stage in ("prepare", "train", "evaluate", "score"):
         assert f"== {stage} ==" in output
     assert re.search(r"^night 2024-01-07: promoted", output, re.M)
+    # Training progress from rank 0 reaches the driver's output: one line per validated epoch.
+    assert len(re.findall(r"seqrec\.training: epoch \d+/2 validated: train loss", output)) == 2, output
     # The summary ends with the per-stage time table.
     table = lines[-6:]
     assert table[0].split() == ["stage", "seconds"] and table[-1].split()[0] == "total", "\n".join(lines[-8:])

@@ -305,7 +305,8 @@ def make_datasets(
             batch_size=ENCODE_BATCH_ROWS,
             num_cpus=INPUT_TASK_CPUS,
         )
-    source = source.select_columns(["item_ids", "event_types"])
+    # A projection is a Ray Data task too: without num_cpus it waits for a CPU the workers hold.
+    source = source.select_columns(["item_ids", "event_types"], num_cpus=INPUT_TASK_CPUS)
     training_rows = source.map_batches(
         EncodeSplit(vocab, max_len, holdout=TRAINING_HOLDOUT, windows=windows),
         batch_format="pyarrow",
@@ -329,7 +330,7 @@ def make_datasets(
 
 def placement_sample(source: ray.data.Dataset, users: int, size: int, seed: int) -> pa.Table:
     """At most about ``size`` users' ``item_ids``/``event_types``, sampled at random from ``source``."""
-    sampled = source.select_columns(["item_ids", "event_types"])
+    sampled = source.select_columns(["item_ids", "event_types"], num_cpus=INPUT_TASK_CPUS)
     if users > size:
         sampled = sampled.random_sample(min(1.0, 1.2 * size / users), seed=seed).limit(size)
     tables = list(sampled.iter_batches(batch_size=None, batch_format="pyarrow"))
