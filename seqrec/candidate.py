@@ -110,7 +110,7 @@ def train_candidate(
             text_features_fn=text_features_for(config, storage),
             ks=config.eval.ks,
         )
-    parent_version = live_version if live is not None else None
+    parent_version = result.parent  # None when training fell back to scratch (another architecture)
     artifact = candidate_artifact(storage, date, config, result, version, parent_version, {})
     location = artifacts.save(storage, artifact)
     with timed(timings, "evaluate"):
