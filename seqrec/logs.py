@@ -92,8 +92,22 @@ def quiet_ray_driver() -> None:
     """Filter the known-harmless lines that Ray logs in the driver process itself (not with -v)."""
     if os.environ.get("SEQREC_RAY_VERBOSE") == "1":
         return
+    _skip_harmless_worker_lines()
     harmless = KnownHarmless()
     for name in ("ray", "ray.data", "ray.train"):
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, KnownHarmless) for f in handler.filters):
                 handler.addFilter(harmless)
+
+
+def _skip_harmless_worker_lines() -> None:
+    """Make the driver's log deduplicators skip the known-harmless worker lines even when ``ray`` was
+    imported before :func:`quiet_ray_environment` set ``RAY_DEDUP_LOGS_SKIP_REGEX`` (Ray reads it
+    once, at import: any module importing ray first, seqrec.tune or the user's code, loses it)."""
+    try:
+        from ray._private import worker
+    except ImportError:  # a Ray without these internals keeps its default
+        return
+    for deduplicator in (worker.stdout_deduplicator, worker.stderr_deduplicator):
+        if getattr(deduplicator, "skip_re", "absent") is None:
+            deduplicator.skip_re = re.compile(harmless_regex())

@@ -41,6 +41,26 @@ def test_filter_drops_only_the_known_harmless():
     re.compile(harmless_regex())
 
 
+def test_worker_lines_are_skipped_even_when_ray_was_imported_first():
+    """Ray reads RAY_DEDUP_LOGS_SKIP_REGEX once, when it is imported; seqrec.cli imports ray (through
+    seqrec.tune) before seqrec.runtime sets it. A harmless worker line that Ray's own timing rarely
+    prints on a quiet machine (the PlacementGroupCleaner's poll timing out) reached a loaded CI's demo."""
+    script = (
+        "import ray, seqrec.cli\n"
+        "from ray._private import worker\n"
+        "from seqrec.logs import quiet_ray_driver\n"
+        "quiet_ray_driver()\n"
+        "batch = dict(ip='1', pid=2, task_name='PlacementGroupCleaner', is_err=True, lines=[\n"
+        "    'Failed to query Ray Train Controller actor state. State API may be unavailable.',\n"
+        "    'Worker (pid=123) crashed: SIGKILL'])\n"
+        "print([line for b in worker.stderr_deduplicator.deduplicate(batch) for line in b['lines']])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_DEDUP")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "['Worker (pid=123) crashed: SIGKILL']"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # a whole night in a subprocess, maybe twice (see below)
 def test_demo_night_prints_the_story_without_rays_harmless_lines(tmp_path):

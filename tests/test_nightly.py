@@ -71,9 +71,11 @@ def night(ray_local, demo_config, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def second(night, demo_config):
-    """The next night: new users and items, warm-started from the first night's model, tolerance 0."""
+    """The next night: new users and items, warm-started from the first night's model on every user
+    (``train.warm_start_users=all``: the few changed users of this small night alone do not make a
+    better candidate; tests/test_train.py covers the changed-users selection), tolerance 0."""
     storage, first = night
-    config = with_changes(demo_config, eval={"promote_tolerance": 0.0})
+    config = with_changes(demo_config, train={"warm_start_users": "all"}, eval={"promote_tolerance": 0.0})
     return run_nightly(storage, NEXT_DAY, config)
 
 
