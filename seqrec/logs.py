@@ -4,8 +4,9 @@ Three mechanisms, each Ray's documented one for its kind of line:
 
 * lines that Ray *workers* print reach the driver through ``log_to_driver``; the driver drops the
   ones matching ``RAY_DEDUP_LOGS_SKIP_REGEX`` (read when ``ray`` is imported, so
-  :func:`quiet_ray_environment` runs before that). The worker's own log files under the Ray
-  session keep them.
+  :func:`quiet_ray_environment` runs before that; when ray was imported first,
+  :func:`quiet_ray_driver` hands the driver's deduplicators the pattern). The worker's own log files
+  under the Ray session keep them.
 * Ray Data's per-dataset INFO lines ("Starting execution of Dataset ...") go to its console
   handler at WARNING through ``RAY_DATA_LOGGING_CONFIG`` (``ray_data_logging.yaml``); its
   ``ray-data.log`` file keeps everything.
