@@ -7,10 +7,24 @@ import uuid
 
 import pytest
 
+from seqrec.testing.s3server import S3Server, find_weed
+
+
+@pytest.fixture(autouse=True)
+def _verbose_switch_stays_in_its_test():
+    """``seqrec -v`` sets SEQREC_RAY_VERBOSE in the process environment (Ray reads it when imported);
+    a test that runs ``main([... "-v"])`` in-process must not leave every later subprocess verbose."""
+    before = os.environ.get("SEQREC_RAY_VERBOSE")
+    yield
+    if before is None:
+        os.environ.pop("SEQREC_RAY_VERBOSE", None)
+    else:
+        os.environ["SEQREC_RAY_VERBOSE"] = before
+
+
 # =============================================================================================
 # S3 fixtures: one real SeaweedFS S3 server per test session, a fresh bucket per test.
 # =============================================================================================
-from seqrec.testing.s3server import S3Server, find_weed
 
 # Env vars that could point an S3 client somewhere else than the test server.
 _AWS_ENV_TO_CLEAR = (

@@ -55,7 +55,7 @@ def test_worker_lines_are_skipped_even_when_ray_was_imported_first():
         "    'Worker (pid=123) crashed: SIGKILL'])\n"
         "print([line for b in worker.stderr_deduplicator.deduplicate(batch) for line in b['lines']])\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_DEDUP")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_DEDUP", "SEQREC_RAY_VERBOSE"))}
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "['Worker (pid=123) crashed: SIGKILL']"
@@ -67,7 +67,7 @@ def test_demo_night_prints_the_story_without_rays_harmless_lines(tmp_path):
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("RAY_DEDUP", "RAY_DATA_LOGGING", "RAY_ADDRESS"))
+        if not k.startswith(("RAY_DEDUP", "RAY_DATA_LOGGING", "RAY_ADDRESS", "SEQREC_RAY_VERBOSE"))
     }
     env.update(RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     command = [

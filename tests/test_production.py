@@ -328,13 +328,14 @@ def test_training_worker_killed_mid_run_restores_from_checkpoint(trained_night, 
     killed: list[int] = []
     run_name = f"train-killed-{time.time_ns()}"
 
-    def kill_a_worker_after_the_second_checkpoint() -> None:
-        # The second: a hard kill may lose the newest report (see PITFALLS), so one older is needed
-        # for the restored attempt to start past epoch 0.
+    def kill_a_worker_after_a_registered_checkpoint() -> None:
+        # Only once Ray Train's controller has registered a checkpoint (its snapshot file lists it):
+        # a checkpoint directory on storage is not enough, a hard kill may lose the reports that
+        # are not registered yet (see PITFALLS), and the restored attempt then starts from scratch.
         deadline = time.time() + 300
         while time.time() < deadline:
-            checkpoints = [d for d in storage.list_dirs("runs", run_name) if d.startswith("checkpoint_")]
-            if len(checkpoints) >= 2:
+            snapshot = ("runs", run_name, "checkpoint_manager_snapshot.json")
+            if storage.exists(*snapshot) and storage.read_json(*snapshot)["checkpoint_results"]:
                 workers = _this_jobs_train_workers(ray_local)
                 if workers:
                     assert all(psutil.Process(pid).is_running() for pid in workers)
@@ -343,7 +344,7 @@ def test_training_worker_killed_mid_run_restores_from_checkpoint(trained_night, 
                     return
             time.sleep(0.2)
 
-    thread = threading.Thread(target=kill_a_worker_after_the_second_checkpoint, daemon=True)
+    thread = threading.Thread(target=kill_a_worker_after_a_registered_checkpoint, daemon=True)
     thread.start()
     result = train(
         storage,
