@@ -14,8 +14,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-
 from seqrec import artifact as artifacts
 from seqrec.config import Config
 from seqrec.evaluate import Judged, evaluate_models
@@ -83,12 +81,12 @@ def train_candidate(
     storage: Storage,
     date: str,
     config: Config,
-    sequences: pa.Table,
     *,
     compare_with_live: bool = False,
     timings: dict[str, float] | None = None,
 ) -> Candidate:
-    """Train a candidate on the night's ``sequences``, evaluate it and save it under ``models/``.
+    """Train a candidate on ``sequences/dt=date`` (read from storage on the cluster), evaluate it
+    and save it under ``models/``.
 
     ``compare_with_live`` also evaluates the promoted model on the same validation targets (the
     promotion gate's input). ``timings`` collects the ``train`` and ``evaluate`` wall seconds.

@@ -391,12 +391,9 @@ def _tune_command(args, storage: Storage, date: str, config: Config) -> int:
 def _train_command(args, storage: Storage, date: str, config: Config) -> int:
     from seqrec import artifact
     from seqrec.candidate import train_candidate
-    from seqrec.data import SEQUENCE_COLUMNS
     from seqrec.evaluate import summary_table
-    from seqrec.prepare import read_sequences
 
-    sequences = read_sequences(storage, date, columns=SEQUENCE_COLUMNS)
-    candidate = train_candidate(storage, date, config, sequences)
+    candidate = train_candidate(storage, date, config)
     print(summary_table(candidate.metrics, "val"), summary_table(candidate.metrics, "test"), sep="\n")
     if args.promote:
         artifact.promote(storage, candidate.version, "promoted by hand (seqrec train --promote)")

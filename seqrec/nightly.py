@@ -20,15 +20,15 @@ from typing import Any
 
 from seqrec import artifact as artifacts
 from seqrec.candidate import Candidate, train_candidate
-from seqrec.config import Config, apply_overrides, suggested
-from seqrec.data import SEQUENCE_COLUMNS, data_shape
+from seqrec.config import Config, DataShape, apply_overrides, suggested
 from seqrec.evaluate import not_worse, summary_table
 from seqrec.lease import hold_night
-from seqrec.prepare import PrepareReport, prepare, read_sequences
+from seqrec.prepare import PrepareReport, prepare
 from seqrec.report import write_report
 from seqrec.runtime import timed
 from seqrec.score import ScoreReport, score
 from seqrec.storage import Storage
+from seqrec.training.datasets import stored_data_shape
 
 log = logging.getLogger("seqrec.nightly")
 
@@ -75,10 +75,9 @@ def promotion_decision(candidate: Candidate, tolerance: float) -> tuple[bool, st
     )
 
 
-def suggest_settings(config: Config, sequences, explicit: set[str]) -> tuple[Config, dict[str, Any]]:
-    """``config`` with :func:`seqrec.config.suggest`'s settings for this data in the fields the user
-    did not set (``explicit``), and those changes (logged, printed and kept in the report)."""
-    shape = data_shape(sequences)
+def suggest_settings(config: Config, shape: DataShape, explicit: set[str]) -> tuple[Config, dict[str, Any]]:
+    """``config`` with :func:`seqrec.config.suggest`'s settings for data of this ``shape`` in the
+    fields the user did not set (``explicit``), and those changes (logged, printed, in the report)."""
     changes = suggested(config, shape, explicit)
     if changes:
         message = (
@@ -106,12 +105,12 @@ def _run_night(storage: Storage, date: str, config: Config, explicit: set[str] |
     started_at = dt.datetime.now(dt.UTC)
     with timed(timings, "prepare"):
         prepared = prepare(storage, date, config.prepare)
-        sequences = read_sequences(storage, date, columns=SEQUENCE_COLUMNS)
     suggestions: dict[str, Any] = {}
     if explicit is not None:
-        config, suggestions = suggest_settings(config, sequences, explicit)
+        # One pass of Ray Data tasks over the stored sequences: the driver never holds them.
+        config, suggestions = suggest_settings(config, stored_data_shape(storage, date), explicit)
 
-    candidate = train_candidate(storage, date, config, sequences, compare_with_live=True, timings=timings)
+    candidate = train_candidate(storage, date, config, compare_with_live=True, timings=timings)
     promoted, decision = promotion_decision(candidate, config.eval.promote_tolerance)
     log.info("%s\n%s", summary_table(candidate.metrics, "val"), summary_table(candidate.metrics, "test"))
     log.info(decision)

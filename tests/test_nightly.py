@@ -386,6 +386,7 @@ def test_a_night_without_settings_takes_them_from_the_data(capsys):
     import pyarrow as pa
 
     from seqrec.config import load_config
+    from seqrec.data import data_shape
     from seqrec.nightly import suggest_settings
 
     sequences = pa.table(
@@ -396,7 +397,7 @@ def test_a_night_without_settings_takes_them_from_the_data(capsys):
         }
     )
     config = load_config(None, ["model.dropout=0.3"])
-    tuned, changes = suggest_settings(config, sequences, explicit={"model.dropout"})
+    tuned, changes = suggest_settings(config, data_shape(sequences), explicit={"model.dropout"})
     assert changes == {
         "model.max_len": 50,
         "model.use_event_types": False,
@@ -405,4 +406,4 @@ def test_a_night_without_settings_takes_them_from_the_data(capsys):
     }  # short, sparse histories
     assert (tuned.model.max_len, tuned.model.num_layers, tuned.model.dropout) == (50, 1, 0.3)
     assert "model.num_layers=1" in capsys.readouterr().err
-    assert suggest_settings(tuned, sequences, explicit={"model.dropout"})[1] == {}
+    assert suggest_settings(tuned, data_shape(sequences), explicit={"model.dropout"})[1] == {}

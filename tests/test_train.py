@@ -15,7 +15,7 @@ import torch
 
 from seqrec.artifact import Artifact
 from seqrec.config import ModelConfig, PrepareConfig, TrainConfig
-from seqrec.data import SEQUENCE_COLUMNS, Vocabulary, longest
+from seqrec.data import SEQUENCE_COLUMNS, Vocabulary, data_shape, longest
 from seqrec.prepare import prepare, read_sequences
 from seqrec.storage import Storage
 from seqrec.synthetic import SyntheticSpec, write_synthetic
@@ -30,6 +30,7 @@ from seqrec.training.datasets import (
     make_datasets,
     read_sequences_dataset,
     sequence_stats,
+    stored_data_shape,
 )
 from seqrec.training.loop import lr_factor
 from seqrec.training.warm_start import build_vocabulary, initial_model
@@ -153,7 +154,7 @@ def two_nights(tmp_path_factory):
     for path in storage.list_files("events", f"dt={SECOND_DAY}", suffix=".parquet"):
         events = pq.read_table(path)
         pq.write_table(events.filter(pc.equal(pc.bit_wise_and(events["user_id"], 3), 0)), path)
-    prepare_config = PrepareConfig(max_len=30)
+    prepare_config = PrepareConfig(max_len=30, buckets=4)  # few files: Ray Data's cost is per block
     prepare(storage, FIRST_DAY, prepare_config)
     prepare(storage, SECOND_DAY, prepare_config)
     return storage, prepare_config
@@ -182,6 +183,15 @@ def test_vocabulary_counts_and_rows_from_storage_equal_the_in_driver_computation
     datasets = make_datasets(source, vocab, SMALL.max_len, stats.longest, windows=windows)
     streamed = np.concatenate([b["items"] for b in datasets["train"].iter_batches(batch_format="numpy")])
     assert sorted(map(tuple, streamed.tolist())) == sorted(map(tuple, expected_rows["items"].tolist()))
+
+
+def test_the_data_shape_from_storage_equals_the_in_driver_one(ray_local, two_nights):
+    """What ``seqrec nightly`` suggests settings from, computed by Ray Data tasks, not the driver."""
+    storage, _ = two_nights
+    table = read_sequences(storage, SECOND_DAY, columns=SEQUENCE_COLUMNS)
+    shape = stored_data_shape(storage, SECOND_DAY)
+    assert shape == data_shape(table)
+    assert shape.users == 300 and shape.event_types > 1
 
 
 def _changed_users(storage: Storage) -> set:

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import ray
 import torch
 
+from seqrec.config import DataShape
 from seqrec.data import Vocabulary, encode, list_parts, longest, window_index
 from seqrec.errors import InputError
 from seqrec.evaluate import evaluation_rows
@@ -243,6 +244,56 @@ def combine_stats(blocks: ray.data.Dataset, compact_every: int = 32) -> Sequence
         changed_users=changed,
         replayed_users=replayed,
         rows=rows,
+    )
+
+
+class ShapeStats:
+    """Ray Data batch function: one row per block with its users' history lengths, its distinct
+    items and its distinct event types (the inputs of :func:`stored_data_shape`)."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        flat, offsets = list_parts(batch["item_ids"])
+        items = pc.unique(flat)
+        types = pa.array([], pa.string())
+        if "event_types" in batch.column_names:
+            types = pc.unique(list_parts(batch["event_types"])[0]).cast(pa.string())
+        return pa.table(
+            {
+                "lengths": [np.diff(offsets).astype(np.int32)],
+                "item_ids": pa.ListArray.from_arrays(pa.array([0, len(items)], pa.int32()), items),
+                "event_types": pa.ListArray.from_arrays(pa.array([0, len(types)], pa.int32()), types),
+            }
+        )
+
+
+def stored_data_shape(storage: Storage, date: str) -> DataShape:
+    """:func:`seqrec.data.data_shape` of ``sequences/dt=date``, computed on the cluster.
+
+    Ray Data tasks reduce each block to its history lengths and distinct items; the driver holds
+    one int32 per user and the catalogue, never the sequences.
+    """
+    blocks = read_sequences_dataset(storage, date, ["item_ids", "event_types"]).map_batches(
+        ShapeStats(), batch_format="pyarrow", batch_size=ENCODE_BATCH_ROWS, num_cpus=INPUT_TASK_CPUS
+    )
+    lengths: list[np.ndarray] = []
+    items: list[pa.Array] = []
+    types: set[str] = set()
+    for batch in blocks.iter_batches(batch_size=None, batch_format="pyarrow"):
+        lengths += [np.asarray(v.values, dtype=np.int64) for v in batch["lengths"].combine_chunks()]
+        items.append(pc.list_flatten(batch["item_ids"]).combine_chunks())
+        types.update(v for v in pc.list_flatten(batch["event_types"]).to_pylist() if v is not None)
+        if len(items) >= 32:
+            items = [pc.unique(pa.concat_arrays(items))]
+    every = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    p50, p95 = np.percentile(every, [50, 95]) if len(every) else (0.0, 0.0)
+    return DataShape(
+        users=len(every),
+        items=len(pc.unique(pa.concat_arrays(items))) if items else 0,
+        interactions=int(every.sum()),
+        length_p50=float(p50),
+        length_p95=float(p95),
+        length_max=int(every.max(initial=0)),
+        event_types=max(len(types), 1),
     )
 
 
