@@ -30,7 +30,7 @@ import torch
 from seqrec.config import EvalConfig, ScoreConfig
 from seqrec.data import Vocabulary, encode, longest, sample_fraction, sampled
 from seqrec.model import SeqRecModel, query_inputs
-from seqrec.ranking import rank_unseen, ranking_metrics, user_metrics
+from seqrec.ranking import popularity_ranks, rank_unseen, ranking_metrics, user_metrics
 from seqrec.score import (
     RankingModel,
     on_actor_pool,
@@ -97,7 +97,12 @@ def evaluate_batches(
                 queries = model.user_vectors(inputs, input_types)
             queries = queries.float()
             ranked = rank_unseen(
-                queries, table, batch["seen"].to(device), k=max(ks), excluded=never_recommend, targets=targets
+                queries,
+                table,
+                batch["seen"].to(device),
+                k=max(ks) if top_k is not None else 0,  # metrics need the ranks only
+                excluded=never_recommend,
+                targets=targets,
             )
             if top_k is not None:  # the ranked lists, for comparison with scoring
                 top_k.append(ranked.indices.cpu())
@@ -137,19 +142,12 @@ def popularity_metrics(
     ks: list[int],
     never_recommend: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    scores = torch.from_numpy(vocab.popularity())[:, None]  # (N+1, 1): a 1-d "embedding"
+    scores = torch.from_numpy(vocab.popularity())
     totals: dict[str, float] = {"users": 0.0}
     for batch in batches:
         items = batch["items"]
-        ranked = rank_unseen(
-            torch.ones(len(items), 1),
-            scores,
-            batch["seen"],
-            k=max(ks),
-            excluded=never_recommend,
-            targets=items[:, -1],
-        )
-        for key, value in ranking_metrics(ranked.target_rank, ks).items():
+        ranks = popularity_ranks(scores, batch["seen"], items[:, -1], excluded=never_recommend)
+        for key, value in ranking_metrics(ranks, ks).items():
             totals[key] = totals.get(key, 0.0) + value
         totals["users"] += len(items)
     return totals
@@ -237,28 +235,19 @@ class Evaluator:
         items = torch.from_numpy(rows["items"]).long().to(ranker.device)
         types = torch.from_numpy(rows["event_types"]).long()
         seen = torch.from_numpy(rows["seen"]).long().to(ranker.device)
-        targets, k = items[:, -1], max(self.ks)
+        targets = items[:, -1]
         queries = ranker.user_vectors(items[:, :-1], types[:, :-1]).float()
         model = rank_unseen(
             queries,
             ranker.items.float(),
             seen,
-            k,
+            0,  # the target ranks only: no top-k lists
             excluded=ranker.never_recommend,
             targets=targets,
             chunk_size=self.item_chunk,
         )
-        ones = torch.ones(len(items), 1, device=ranker.device)
-        popularity = rank_unseen(
-            ones,
-            ranker.popularity[:, None],
-            seen,
-            k,
-            excluded=ranker.never_recommend,
-            targets=targets,
-            chunk_size=self.item_chunk,
-        )
-        return model.target_rank, popularity.target_rank
+        popularity = popularity_ranks(ranker.popularity, seen, targets, excluded=ranker.never_recommend)
+        return model.target_rank, popularity
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []

@@ -87,10 +87,14 @@ def rank_unseen(
     seen:     (B, L) item indices each user already interacted with, 0-padded.
     excluded: (N,) bool, True for items that must never be recommended (unavailable, [MASK]).
     targets:  (B,) item indices whose rank to report (leave-one-out evaluation).
+    k=0 (with targets): only the ranks, no top-k lists (evaluation needs no more; the search for the
+    lists costs about a third of a call).
     """
     batch, num_items = queries.shape[0], items.shape[0]
     device = queries.device
-    k = min(k, num_items - 1)
+    k = max(min(k, num_items - 1), 0)
+    if k == 0 and targets is None:
+        raise ValueError("rank_unseen needs k > 0 or targets")
     chunk_size = max(1, min(chunk_size, num_items))
     on_cpu = device.type == "cpu"
     block_rows = max(1, (CPU_BLOCK_SCORES if on_cpu else GPU_BLOCK_SCORES) // chunk_size)
@@ -139,15 +143,45 @@ def rank_unseen(
                 higher[first:last][own] -= (
                     scores[rows[own], local_target[own]] >= block_score[own, 0]
                 ).long()
-            best_scores[first:last], best_indices[first:last] = _merge_top_k(
-                scores, start, best_scores[first:last], best_indices[first:last], adaptive=on_cpu
-            )
+            if k > 0:
+                best_scores[first:last], best_indices[first:last] = _merge_top_k(
+                    scores, start, best_scores[first:last], best_indices[first:last], adaptive=on_cpu
+                )
 
     target_rank = None
     if targets is not None:
         target_rank = (higher + 1).to(torch.float32)
         target_rank[target_hidden] = float("inf")
     return Ranked(scores=best_scores, indices=best_indices, target_rank=target_rank)
+
+
+@torch.inference_mode()
+def popularity_ranks(
+    popularity: torch.Tensor, seen: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B,) the targets' ranks under a score every user shares, as :func:`rank_unseen` counts them.
+
+    Equal to ``rank_unseen(ones(B, 1), popularity[:, None], seen, 0, excluded=..., targets=...)``
+    without scoring the catalogue per user: one sorted array of the visible items' scores gives how
+    many score at least the target's, and the user's distinct visible history among those is taken
+    off. popularity: (N,) scores, row 0 padding; the rest as in :func:`rank_unseen`.
+    """
+    num_items = popularity.shape[0]
+    visible = torch.ones(num_items, dtype=torch.bool, device=popularity.device)
+    visible[0] = False
+    if excluded is not None:
+        visible &= ~excluded
+    ordered = popularity[visible].sort().values
+    target_score = popularity[targets]
+    at_least = len(ordered) - torch.searchsorted(ordered, target_score, right=False)  # with the target
+    history = seen.sort(dim=1).values
+    distinct = torch.ones_like(history, dtype=torch.bool)
+    distinct[:, 1:] = history[:, 1:] != history[:, :-1]
+    counted = distinct & visible[history] & (popularity[history] >= target_score[:, None])
+    ranks = (at_least - counted.sum(1)).to(torch.float32)  # rank = 1 + the others at least as good
+    hidden = ~visible[targets] | (seen == targets[:, None]).any(1)
+    ranks[hidden] = float("inf")
+    return ranks
 
 
 def user_metrics(ranks: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from seqrec.ranking import rank_unseen, ranking_metrics
+from seqrec.ranking import popularity_ranks, rank_unseen, ranking_metrics
 
 INF = float("inf")
 
@@ -216,3 +216,38 @@ def test_single_rank_metrics(rank, ndcg10, hr10):
     assert m["ndcg@10"] == pytest.approx(ndcg10)
     assert m["hr@10"] == hr10
     assert m["mrr"] == pytest.approx(0.0 if rank == INF else 1 / rank)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ranks_alone_and_shared_scores_match_the_full_ranking(seed):
+    """k=0 gives the same target ranks without the lists; :func:`popularity_ranks` gives what
+    ranking ``popularity`` for every user gives, with ties, repeated history, excluded and hidden
+    targets (the evaluation's fast paths must not change a metric)."""
+    generator = torch.Generator().manual_seed(seed)
+    users, num_items, hidden = 64, 300, 8
+    queries = torch.randn(users, hidden, generator=generator)
+    items = torch.randn(num_items, hidden, generator=generator)
+    seen = torch.randint(0, num_items, (users, 20), generator=generator)
+    seen[:, 10:] = seen[:, :10]  # repeats
+    seen[::3, 15:] = 0  # padding
+    targets = torch.randint(1, num_items, (users,), generator=generator)
+    targets[::7] = seen[::7, 0].clamp(min=1)  # some targets in the history: rank inf
+    excluded = torch.rand(num_items, generator=generator) < 0.1
+    targets[::11] = excluded.nonzero()[0, 0]  # and some excluded
+
+    full = rank_unseen(queries, items, seen, 10, excluded=excluded, targets=targets, chunk_size=64)
+    alone = rank_unseen(queries, items, seen, 0, excluded=excluded, targets=targets, chunk_size=64)
+    assert torch.equal(alone.target_rank, full.target_rank) and alone.indices.shape == (users, 0)
+
+    popularity = torch.randint(0, 12, (num_items,), generator=generator).float()  # many ties
+    popularity[0] = -1.0
+    reference = rank_unseen(
+        torch.ones(users, 1), popularity[:, None], seen, 10, excluded=excluded, targets=targets
+    ).target_rank
+    shared = popularity_ranks(popularity, seen, targets, excluded=excluded)
+    assert torch.isinf(shared).sum() > 0 and torch.isfinite(shared).sum() > users // 2
+    assert torch.equal(shared, reference)
+    assert torch.equal(
+        popularity_ranks(popularity, seen, targets),
+        rank_unseen(torch.ones(users, 1), popularity[:, None], seen, 10, targets=targets).target_rank,
+    )
