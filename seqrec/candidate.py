@@ -107,6 +107,7 @@ def train_candidate(
             parent=live,
             text_features_fn=text_features_for(config, storage),
             ks=config.eval.ks,
+            validation_users=config.eval.max_users,
         )
     parent_version = result.parent  # None when training fell back to scratch (another architecture)
     artifact = candidate_artifact(storage, date, config, result, version, parent_version, {})

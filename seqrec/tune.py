@@ -192,6 +192,7 @@ def run_trial(params: dict[str, Any], *, root: str, date: str, start: dict[str, 
         runs_dir=f"tune/{name}/runs",
         text_features_fn=text_features_for(config, storage),
         ks=config.eval.ks,
+        validation_users=config.eval.max_users,
         callbacks=[_epoch_callback()],
     )
 

@@ -15,7 +15,8 @@ import torch
 
 from seqrec.artifact import Artifact
 from seqrec.config import ModelConfig, PrepareConfig, TrainConfig
-from seqrec.data import SEQUENCE_COLUMNS, Vocabulary, data_shape, longest
+from seqrec.data import SEQUENCE_COLUMNS, Vocabulary, data_shape, longest, user_sample
+from seqrec.evaluate import evaluation_rows
 from seqrec.prepare import prepare, read_sequences
 from seqrec.storage import Storage
 from seqrec.synthetic import SyntheticSpec, write_synthetic
@@ -183,6 +184,23 @@ def test_vocabulary_counts_and_rows_from_storage_equal_the_in_driver_computation
     datasets = make_datasets(source, vocab, SMALL.max_len, stats.longest, windows=windows)
     streamed = np.concatenate([b["items"] for b in datasets["train"].iter_batches(batch_format="numpy")])
     assert sorted(map(tuple, streamed.tolist())) == sorted(map(tuple, expected_rows["items"].tolist()))
+
+
+def test_validation_during_training_uses_the_gates_hash_sample(ray_local, two_nights):
+    """At a fraction < 1 the per-epoch validation rows are those of the users the evaluation stage
+    samples (the same stable hash), so a million-user night validates on ``eval.max_users``."""
+    storage, prepare_config = two_nights
+    table = read_sequences(storage, SECOND_DAY, columns=SEQUENCE_COLUMNS)
+    vocab = build_vocabulary(table, prepare_config, None)
+    source = read_sequences_dataset(storage, SECOND_DAY, SEQUENCE_COLUMNS)
+
+    def validation_rows(fraction: float) -> int:
+        datasets = make_datasets(source, vocab, SMALL.max_len, longest(table), validation_fraction=fraction)
+        return sum(len(b["items"]) for b in datasets["val"].iter_batches(batch_format="numpy"))
+
+    users = table.filter(pa.array(user_sample(table["user_id"], 0.3)))
+    expected = len(evaluation_rows(users, vocab, SMALL.max_len, 1, longest(table))["items"])
+    assert 0 < validation_rows(0.3) == expected < validation_rows(1.0)
 
 
 def test_the_data_shape_from_storage_equals_the_in_driver_one(ray_local, two_nights):

@@ -23,7 +23,7 @@ import ray
 import torch
 
 from seqrec.config import DataShape
-from seqrec.data import Vocabulary, encode, list_parts, longest, window_index
+from seqrec.data import Vocabulary, encode, list_parts, longest, sampled, window_index
 from seqrec.errors import InputError
 from seqrec.evaluate import evaluation_rows
 from seqrec.storage import Storage, read_parquet_batches
@@ -347,8 +347,13 @@ def make_datasets(
     longest_history: int,
     windows: bool = False,
     selection: UserSelection | None = None,
+    validation_fraction: float = 1.0,
 ) -> dict[str, ray.data.Dataset]:
-    """``{"train": training rows, "val": validation rows}`` of the selected users, streamed (lazy)."""
+    """``{"train": training rows, "val": validation rows}`` of the selected users, streamed (lazy).
+
+    ``validation_fraction`` < 1: validation rows of the users in the gate's hash sample only
+    (:func:`seqrec.data.sampled`; the same users the evaluation stage judges at the same fraction).
+    """
     if selection is not None:
         source = source.map_batches(
             SelectUsers(selection),
@@ -356,15 +361,26 @@ def make_datasets(
             batch_size=ENCODE_BATCH_ROWS,
             num_cpus=INPUT_TASK_CPUS,
         )
+    validation_source = source
+    if validation_fraction < 1.0:
+        validation_source = source.map_batches(
+            sampled,
+            fn_kwargs={"fraction": validation_fraction},
+            batch_format="pyarrow",
+            batch_size=ENCODE_BATCH_ROWS,
+            num_cpus=INPUT_TASK_CPUS,
+        )
     # A projection is a Ray Data task too: without num_cpus it waits for a CPU the workers hold.
-    source = source.select_columns(["item_ids", "event_types"], num_cpus=INPUT_TASK_CPUS)
+    columns = ["item_ids", "event_types"]
+    source = source.select_columns(columns, num_cpus=INPUT_TASK_CPUS)
+    validation_source = validation_source.select_columns(columns, num_cpus=INPUT_TASK_CPUS)
     training_rows = source.map_batches(
         EncodeSplit(vocab, max_len, holdout=TRAINING_HOLDOUT, windows=windows),
         batch_format="pyarrow",
         batch_size=ENCODE_BATCH_ROWS,
         num_cpus=INPUT_TASK_CPUS,
     )
-    validation_rows = source.map_batches(
+    validation_rows = validation_source.map_batches(
         evaluation_rows,
         fn_kwargs={
             "vocab": vocab,

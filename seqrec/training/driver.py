@@ -21,8 +21,9 @@ import ray
 import torch
 
 from seqrec.artifact import Artifact
+from seqrec.catalogue import unavailable_items
 from seqrec.config import ModelConfig, PrepareConfig, TrainConfig, check_choices
-from seqrec.data import SEQUENCE_COLUMNS, Vocabulary
+from seqrec.data import SEQUENCE_COLUMNS, Vocabulary, sample_fraction
 from seqrec.errors import InputError
 from seqrec.model import SeqRecModel
 from seqrec.storage import Storage
@@ -87,6 +88,7 @@ def train(
     parent: Artifact | None = None,
     text_features_fn: Callable[[Vocabulary], torch.Tensor] | None = None,
     ks: list[int] | None = None,
+    validation_users: int = 0,
     runs_dir: str = "runs",
     callbacks: list | None = None,
 ) -> TrainResult:
@@ -97,8 +99,9 @@ def train(
     is warm-started from only when ``train_config.warm_start``; then, reading from storage, only the
     users with new events plus a replay sample are trained on (see :func:`plan_users`).
     The run's state lives under ``runs_dir/run_name`` below the storage root (a run of that name
-    that did not finish resumes from its latest checkpoint); ``callbacks`` are Ray Train
-    ``UserCallback``s (``seqrec tune`` passes one that reports each epoch to its Tune trial).
+    that did not finish resumes from its latest checkpoint); ``validation_users`` (0: all) bounds the
+    per-epoch validation to the hash sample of about that many users the gate judges; ``callbacks``
+    are Ray Train ``UserCallback``s (``seqrec tune`` passes one that reports each epoch to its Tune trial).
     """
     check_choices(train_config, "train")
     started = time.perf_counter()
@@ -122,8 +125,15 @@ def train(
             "no user has enough history to train on (need at least 4 known items: 2 to learn "
             "from, 1 for validation, 1 for test)"
         )
+    validation_fraction = sample_fraction(validation_users, stats.users)
     datasets = make_datasets(
-        source, vocab, model_config.max_len, stats.longest, windows=windows, selection=selection
+        source,
+        vocab,
+        model_config.max_len,
+        stats.longest,
+        windows=windows,
+        selection=selection,
+        validation_fraction=validation_fraction,
     )
     inputs = WorkerInputs(
         train_config=train_config,
@@ -132,15 +142,18 @@ def train(
         initial_state=ray.put({k: v.contiguous() for k, v in model.state_dict().items()}),
         train_rows=stats.rows,
         item_counts=vocab.counts,
+        never_recommend=unavailable_items(storage, vocab),  # validation ranks what the table may show
     )
     users = stats.changed_users + stats.replayed_users
     log.info(
-        "training %s model on %d of %d users (%s): %d rows, %d items, %d workers, up to %d epochs -> run %s",
+        "training %s model on %d of %d users (%s): %d rows, %d items, validation on %s, %d workers, "
+        "up to %d epochs -> run %s",
         model_config.kind,
         users,
         stats.users,
         why,
         stats.rows,
+        "all of them" if validation_fraction >= 1 else f"a {validation_fraction:.3g} hash sample of them",
         vocab.num_items,
         train_config.num_workers,
         train_config.epochs,

@@ -44,6 +44,7 @@ class WorkerInputs:
     train_rows: int  # training rows over all workers (sets the schedule)
     item_counts: np.ndarray  # (N+1,) training interactions per index
     ks: list[int] = field(default_factory=lambda: [10, 20])
+    never_recommend: np.ndarray | None = None  # (N+1,) bool: masked in validation as the gate masks
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,6 +388,9 @@ def train_loop_per_worker(inputs: WorkerInputs) -> None:
     if core.config.text_dim and train_config.loss == "ce":
         out_of_softmax = torch.from_numpy(never_trained(np.asarray(inputs.item_counts))).to(device)
 
+    never_recommend = None
+    if inputs.never_recommend is not None:
+        never_recommend = torch.from_numpy(np.asarray(inputs.never_recommend)).to(device)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     progress = Progress(rank, world, train_config.log_every_s, train_config.epochs, steps_per_epoch)
@@ -425,7 +429,9 @@ def train_loop_per_worker(inputs: WorkerInputs) -> None:
         }
         if _should_validate(epoch, train_config, stopping=bool(spent)):
             val_batches = val_shard.iter_torch_batches(batch_size=VALIDATION_BATCH_ROWS, dtypes=torch.long)
-            val_sums = evaluate_batches(core, val_batches, inputs.ks, device, bf16=mixed == "bf16")
+            val_sums = evaluate_batches(
+                core, val_batches, inputs.ks, device, bf16=mixed == "bf16", never_recommend=never_recommend
+            )
             metrics.update(means(reduce_sums(val_sums), "val_"))
             if metrics[SELECTION_METRIC] > state.best:
                 state.best, state.best_epoch = metrics[SELECTION_METRIC], epoch
