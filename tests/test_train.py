@@ -278,8 +278,9 @@ def test_a_warm_start_night_trains_on_changed_users_and_stops_at_the_step_budget
     assert summary["rows"] == result.rows > 0 and summary["stop_reason"] == "max_steps"
 
 
-def test_a_cold_night_from_storage_trains_everyone_and_rank_zero_logs_progress(ray_local, two_nights):
+def test_a_cold_night_from_storage_trains_everyone_and_rank_zero_logs_progress(ray_local, two_nights, caplog):
     storage, prepare_config = two_nights
+    caplog.set_level("INFO", logger="seqrec.training")
     train_config = TrainConfig(
         num_workers=2, cpus_per_worker=0.5, epochs=1, batch_size=32, mixed_precision="no", log_every_s=0.0
     )
@@ -295,6 +296,11 @@ def test_a_cold_night_from_storage_trains_everyone_and_rank_zero_logs_progress(r
     users = read_sequences(storage, SECOND_DAY, columns=["user_id"]).num_rows
     assert (result.users, result.replayed_users, result.stop_reason) == (users, 0, "epochs")
     assert result.selection.startswith("all users")
+    # The driver's line: what is trained on, and that validation covers every user here.
+    assert any(
+        f"on {users} of {users} users" in r.getMessage() and "validation on all of them" in r.getMessage()
+        for r in caplog.records
+    ), [r.msg for r in caplog.records]
 
     # Workers' stderr reaches the driver through Ray's log files (the tests' Ray does not forward it).
     import ray
