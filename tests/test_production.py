@@ -47,15 +47,16 @@ OUTAGE_S = 30.0
 def s3_night(ray_local, s3_server, demo_config):
     """The whole night against the S3 server, with two hard crashes of the server mid-night.
 
-    Crash 1, between prepare and reading the sequences: the server stays down for OUTAGE_S, longer
-    than pyarrow's own retries, so seqrec's retry must take over (and log it). Crash 2, as soon as
-    the first Ray Train checkpoint is in the bucket: the server restarts at once while workers go on
-    checkpointing. Every log record of the night (any logger, DEBUG and up) is kept.
+    Crash 1, between prepare and the candidate's first storage call: the server stays down for
+    OUTAGE_S, longer than pyarrow's own retries, so seqrec's retry must take over (and log it).
+    Crash 2, as soon as the first Ray Train checkpoint is in the bucket: the server restarts at once
+    while workers go on checkpointing. Every log record of the night (any logger, DEBUG and up) is kept.
     """
     import uuid
 
     from conftest import _AWS_ENV_TO_CLEAR
 
+    import seqrec.candidate as candidate
     import seqrec.nightly as nightly
 
     times: dict[str, float] = {}
@@ -72,27 +73,27 @@ def s3_night(ray_local, s3_server, demo_config):
             mp.setenv(key, value)
         storage = Storage(f"s3://{s3_server.create_bucket(f't-{uuid.uuid4().hex[:16]}')}/root")
         write_synthetic(storage, SPEC)
-        real_read, real_train = nightly.read_sequences, nightly.train_candidate
+        real_candidate, real_train = nightly.train_candidate, candidate.train
 
-        def read_during_an_outage(*args, **kwargs):
-            if "crash_1" not in times:
-                times["crash_1"] = time.time()
-                s3_server.stop(kill=True)
+        def candidate_after_an_outage_begins(*args, **kwargs):
+            # The night's next storage call (the promoted model's pointer) meets the outage.
+            times["crash_1"] = time.time()
+            s3_server.stop(kill=True)
 
-                def back() -> None:
-                    time.sleep(OUTAGE_S)
-                    s3_server.start()
-                    times["back_1"] = time.time()
+            def back() -> None:
+                time.sleep(OUTAGE_S)
+                s3_server.start()
+                times["back_1"] = time.time()
 
-                threading.Thread(target=back, daemon=True).start()
-            return real_read(*args, **kwargs)
-
-        def train_and_note_the_end(*args, **kwargs):
-            times["records_before_training"] = len(records)
-            watcher.start()  # its own storage calls come after crash 1
-            result = real_train(*args, **kwargs)
+            threading.Thread(target=back, daemon=True).start()
+            result = real_candidate(*args, **kwargs)
             times["training_ended"] = time.time()
             return result
+
+        def train_and_start_the_watcher(*args, **kwargs):
+            times["records_before_training"] = len(records)
+            watcher.start()  # its own storage calls come after crash 1
+            return real_train(*args, **kwargs)
 
         def crash_at_first_checkpoint() -> None:
             deadline = time.time() + 300
@@ -119,8 +120,8 @@ def s3_night(ray_local, s3_server, demo_config):
         watcher = threading.Thread(target=crash_at_first_checkpoint, daemon=True)
         try:
             with pytest.MonkeyPatch.context() as hooks:  # this night only
-                hooks.setattr(nightly, "read_sequences", read_during_an_outage)
-                hooks.setattr(nightly, "train_candidate", train_and_note_the_end)
+                hooks.setattr(nightly, "train_candidate", candidate_after_an_outage_begins)
+                hooks.setattr(candidate, "train", train_and_start_the_watcher)
                 started = time.perf_counter()
                 result = run_nightly(storage, SPEC.end_date, demo_config)
                 print(f"nightly on S3 with two server crashes: {time.perf_counter() - started:.1f} s")
@@ -176,7 +177,8 @@ def test_no_credential_in_any_log_report_manifest_or_config_of_an_s3_night(
     for path in ray_logs:
         texts[str(path)] = path.read_bytes()
     leaks = [where for where, data in texts.items() if any(c in data for c in credentials)]
-    assert not leaks, f"credentials found in {leaks}"
+    leaked_records = [r[:300] for r in records if any(c.decode() in r for c in credentials)]
+    assert not leaks, f"credentials found in {leaks}: {leaked_records[:3]}"
 
 
 _CRASHING_SCORE = textwrap.dedent("""
