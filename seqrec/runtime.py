@@ -35,6 +35,12 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    quiet_third_party_loggers()
+
+
+def quiet_third_party_loggers() -> None:
+    """Libraries' loggers at WARNING, even under -v: their DEBUG lines are noise, and botocore's
+    request dumps carry signed headers (the access key id)."""
     for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "filelock", "matplotlib", "tensorboardX"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -58,6 +58,7 @@ def s3_night(ray_local, s3_server, demo_config):
 
     import seqrec.candidate as candidate
     import seqrec.nightly as nightly
+    from seqrec.runtime import quiet_third_party_loggers
 
     times: dict[str, float] = {}
     records: list[str] = []
@@ -113,6 +114,9 @@ def s3_night(ray_local, s3_server, demo_config):
                     return
                 time.sleep(0.2)
 
+        # As every entry point sets up logging (seqrec.runtime.setup_logging), not as an earlier
+        # test happened to leave it.
+        quiet_third_party_loggers()
         keep, root = Keep(level=logging.DEBUG), logging.getLogger()
         level = root.level
         root.addHandler(keep)
