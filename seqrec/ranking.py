@@ -88,7 +88,7 @@ def rank_unseen(
     excluded: (N,) bool, True for items that must never be recommended (unavailable, [MASK]).
     targets:  (B,) item indices whose rank to report (leave-one-out evaluation).
     k=0 (with targets): only the ranks, no top-k lists (evaluation needs no more; the search for the
-    lists costs about a third of a call).
+    lists costs about a quarter of a call).
     """
     batch, num_items = queries.shape[0], items.shape[0]
     device = queries.device

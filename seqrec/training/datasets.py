@@ -279,17 +279,17 @@ def stored_data_shape(storage: Storage, date: str) -> DataShape:
     items: list[pa.Array] = []
     types: set[str] = set()
     for batch in blocks.iter_batches(batch_size=None, batch_format="pyarrow"):
-        lengths += [np.asarray(v.values, dtype=np.int64) for v in batch["lengths"].combine_chunks()]
+        lengths += [np.asarray(v.values, dtype=np.int32) for v in batch["lengths"].combine_chunks()]
         items.append(pc.list_flatten(batch["item_ids"]).combine_chunks())
         types.update(v for v in pc.list_flatten(batch["event_types"]).to_pylist() if v is not None)
         if len(items) >= 32:
             items = [pc.unique(pa.concat_arrays(items))]
-    every = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    every = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
     p50, p95 = np.percentile(every, [50, 95]) if len(every) else (0.0, 0.0)
     return DataShape(
         users=len(every),
         items=len(pc.unique(pa.concat_arrays(items))) if items else 0,
-        interactions=int(every.sum()),
+        interactions=int(every.sum(dtype=np.int64)),
         length_p50=float(p50),
         length_p95=float(p95),
         length_max=int(every.max(initial=0)),
