@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
+from typing import TYPE_CHECKING
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
+from seqrec.storage import Storage
+from seqrec.synthetic import SyntheticSpec, write_synthetic
 from seqrec.testing.s3server import S3Server, find_weed
+
+if TYPE_CHECKING:
+    from seqrec.nightly import NightlyResult
 
 
 @pytest.fixture(autouse=True)
@@ -127,3 +137,61 @@ def demo_config():
             "score.batch_size=256",
         ],
     )
+
+
+# =============================================================================================
+# Night fixtures: one first night per session; each module gets its own copy of it to change.
+# =============================================================================================
+
+# The first night of tests/test_nightly.py and the trained night of tests/test_production.py: users
+# 1-500 and items 1-100 only; the held-back events of the other users and items are NEXT_DAY's late
+# data, so a second night grows the vocabulary. Items 3 and 7 are unavailable.
+FIRST_NIGHT = SyntheticSpec(
+    num_users=600, num_items=120, mean_events=20, days=3, end_date="2024-01-03", bad_rows=25
+)
+NEXT_DAY = "2024-01-04"
+KNOWN_USERS, KNOWN_ITEMS = 500, 100
+UNAVAILABLE = [3, 7]
+
+
+def hold_back_new_users_and_items(storage: Storage) -> int:
+    """Move the events of users > 500 or items > 100 out of the first nights into NEXT_DAY's partition."""
+    held = []
+    for day in storage.list_dirs("events"):
+        table = storage.read_table("events", day, "part-00000.parquet")
+        new = pc.fill_null(
+            pc.or_(pc.greater(table["user_id"], KNOWN_USERS), pc.greater(table["item_id"], KNOWN_ITEMS)),
+            False,
+        )
+        storage.write_table(table.filter(pc.invert(new)), "events", day, "part-00000.parquet")
+        held.append(table.filter(new))
+    storage.write_table(pa.concat_tables(held), "events", f"dt={NEXT_DAY}", "part-00000.parquet")
+    items = storage.read_table("items", "items.parquet")
+    available = ~np.isin(items["item_id"].to_numpy(), UNAVAILABLE)
+    storage.write_table(
+        items.set_column(items.schema.get_field_index("available"), "available", pa.array(available)),
+        "items",
+        "items.parquet",
+    )
+    return sum(t.num_rows for t in held)
+
+
+@pytest.fixture(scope="session")
+def _first_night(ray_local, demo_config, tmp_path_factory):
+    """FIRST_NIGHT's night, run once per session; no test changes this root (see ``first_night``)."""
+    from seqrec.nightly import run_nightly
+
+    storage = Storage(str(tmp_path_factory.mktemp("first-night")))
+    write_synthetic(storage, FIRST_NIGHT)
+    assert hold_back_new_users_and_items(storage) > 0
+    return storage.root, run_nightly(storage, FIRST_NIGHT.end_date, demo_config)
+
+
+@pytest.fixture(scope="module")
+def first_night(_first_night, tmp_path_factory) -> tuple[Storage, NightlyResult]:
+    """A copy of the session's first night (events, sequences, model, published table, report) for
+    this module to build on: a module's later nights and faults never reach another module."""
+    root, result = _first_night
+    copy = tmp_path_factory.mktemp("night") / "root"
+    shutil.copytree(root, copy)
+    return Storage(str(copy)), result

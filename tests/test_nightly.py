@@ -10,46 +10,17 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import KNOWN_ITEMS, KNOWN_USERS, NEXT_DAY, UNAVAILABLE
 
 from seqrec import artifact
 from seqrec.nightly import NightFailed, run_nightly
 from seqrec.prepare import read_sequences
 from seqrec.publish import history, open_table, read_recommendations
-from seqrec.storage import Storage
-from seqrec.synthetic import SyntheticSpec, write_synthetic
-
-SPEC = SyntheticSpec(num_users=600, num_items=120, mean_events=20, days=3, end_date="2024-01-03", bad_rows=25)
-NEXT_DAY = "2024-01-04"
-KNOWN_USERS, KNOWN_ITEMS = 500, 100
-UNAVAILABLE = [3, 7]
-
-
-def hold_back_new_users_and_items(storage: Storage) -> int:
-    """Move the events of users > 500 or items > 100 out of the first nights into NEXT_DAY's partition."""
-    held = []
-    for day in storage.list_dirs("events"):
-        table = storage.read_table("events", day, "part-00000.parquet")
-        new = pc.fill_null(
-            pc.or_(pc.greater(table["user_id"], KNOWN_USERS), pc.greater(table["item_id"], KNOWN_ITEMS)),
-            False,
-        )
-        storage.write_table(table.filter(pc.invert(new)), "events", day, "part-00000.parquet")
-        held.append(table.filter(new))
-    storage.write_table(pa.concat_tables(held), "events", f"dt={NEXT_DAY}", "part-00000.parquet")
-    items = storage.read_table("items", "items.parquet")
-    available = ~np.isin(items["item_id"].to_numpy(), UNAVAILABLE)
-    storage.write_table(
-        items.set_column(items.schema.get_field_index("available"), "available", pa.array(available)),
-        "items",
-        "items.parquet",
-    )
-    return sum(t.num_rows for t in held)
 
 
 def with_changes(config, **sections):
@@ -61,12 +32,9 @@ def with_changes(config, **sections):
 
 
 @pytest.fixture(scope="module")
-def night(ray_local, demo_config, tmp_path_factory):
-    storage = Storage(str(tmp_path_factory.mktemp("night")))
-    write_synthetic(storage, SPEC)
-    assert hold_back_new_users_and_items(storage) > 0
-    result = run_nightly(storage, SPEC.end_date, demo_config)
-    return storage, result
+def night(first_night):
+    """The first night (users 1-500, items 1-100), this module's own copy of the session's."""
+    return first_night
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +145,19 @@ def test_rescoring_with_the_same_model_gives_the_same_rows(night, demo_config):
     assert first.num_rows == result.recommendations.rows
     assert first["generated_at"] != again["generated_at"]  # two runs really happened
     assert first.drop_columns(["generated_at"]).equals(again.drop_columns(["generated_at"]))
+
+
+def test_training_validation_masks_unavailable_items_as_the_gate_does(night):
+    """The workers' per-epoch validation, which chooses the best epoch, ranks what the gate ranks:
+    some users' validation targets are unavailable items, masked in both, so at the chosen epoch the
+    workers' NDCG@10 is the gate's on the same users (every user: 500 < eval.max_users)."""
+    storage, first = night
+    sequences = read_sequences(storage, first.date, columns=["item_ids"])
+    targets = [items[-2] for items in sequences["item_ids"].to_pylist() if len(items) >= 4]
+    assert set(targets) & set(UNAVAILABLE), "no validation target is unavailable: the mask is not exercised"
+    metrics = artifact.load(storage, first.candidate).metrics
+    chosen = next(h for h in metrics["history"] if h["epoch"] == metrics["best_epoch"])
+    assert chosen["val_ndcg@10"] == pytest.approx(metrics["val"]["model"]["ndcg@10"], abs=2e-4)
 
 
 def test_evaluation_and_the_recommender_rank_the_same_top_k(night, demo_config):
@@ -304,7 +285,7 @@ def test_a_worse_candidate_is_not_promoted_and_the_night_is_scored_with_the_live
     config = with_changes(
         demo_config,
         model={"hidden_size": 32},
-        train={"epochs": 1, "batch_size": 100_000, "patience": 1},
+        train={"epochs": 1, "batch_size": 100_000, "patience": 1, "num_workers": 1},
         eval={"promote_tolerance": 0.0},
     )
     worse = run_nightly(storage, NEXT_DAY, config)
@@ -335,7 +316,7 @@ def test_a_night_whose_scoring_fails_leaves_the_live_model_and_tables_untouched(
         raise RuntimeError("injected: the scoring actors were lost")
 
     monkeypatch.setattr(nightly, "score", scoring_fails)
-    config = with_changes(demo_config, train={"epochs": 1}, eval={"promote_tolerance": 1.0})
+    config = with_changes(demo_config, train={"epochs": 1, "num_workers": 1}, eval={"promote_tolerance": 1.0})
     with pytest.raises(NightFailed, match="score failed.*injected") as failed:
         run_nightly(storage, NEXT_DAY, config)
     assert live in str(failed.value)

@@ -14,6 +14,7 @@ import time
 import psutil
 import pyarrow.compute as pc
 import pytest
+from conftest import FIRST_NIGHT
 
 from seqrec import artifact
 from seqrec.config import load_config
@@ -27,7 +28,10 @@ from seqrec.training import train
 
 SPEC = SyntheticSpec(num_users=400, num_items=100, mean_events=20, days=2, end_date="2024-02-02", bad_rows=10)
 # Best validation NDCG@10 of a restored run against an uninterrupted one (see the worker-kill test).
-TOLERANCE = 0.05
+# Three repeats of that test (4 epochs, resumed at epoch 1) gave killed/uninterrupted 0.7034/0.7178,
+# 0.7092/0.7154 and 0.7123/0.7067: differences of 0.014, 0.006 and 0.006, all six runs within 0.015
+# of each other (run-to-run noise: Ray Data's batch order). Twice the largest difference:
+TOLERANCE = 0.03
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -203,11 +207,9 @@ _CRASHING_SCORE = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def trained_night(ray_local, tmp_path_factory, demo_config):
-    storage = Storage(str(tmp_path_factory.mktemp("faults")))
-    write_synthetic(storage, SPEC)
-    run_nightly(storage, SPEC.end_date, demo_config)
-    return storage
+def trained_night(first_night) -> Storage:
+    """A night already trained, scored and published (this module's copy of the session's first)."""
+    return first_night[0]
 
 
 def _score_args(storage: Storage, ray_local, ttl_s: float) -> list[str]:
@@ -217,7 +219,7 @@ def _score_args(storage: Storage, ray_local, ttl_s: float) -> list[str]:
         "--root",
         storage.root,
         "--date",
-        SPEC.end_date,
+        FIRST_NIGHT.end_date,
         "--ray-address",
         address,
         "--config",
@@ -232,7 +234,7 @@ def _score_args(storage: Storage, ray_local, ttl_s: float) -> list[str]:
 def test_scoring_driver_killed_mid_write_keeps_the_previous_night(trained_night, ray_local):
     from seqrec.testing.readers import duckdb_connection, duckdb_count
 
-    storage, date = trained_night, SPEC.end_date
+    storage, date = trained_night, FIRST_NIGHT.end_date
     before = read_recommendations(storage, date)
     files_before = storage.list_files("recommendations", f"dt={date}", suffix=".parquet")
     args = _score_args(storage, ray_local, ttl_s=4)
@@ -271,7 +273,7 @@ def test_scoring_driver_killed_mid_write_keeps_the_previous_night(trained_night,
 
 
 def test_two_concurrent_runs_of_one_night_exactly_one_publishes(trained_night, ray_local):
-    storage, date = trained_night, SPEC.end_date
+    storage, date = trained_night, FIRST_NIGHT.end_date
     commits_before = len(history(storage, date))
     args = _score_args(storage, ray_local, ttl_s=60)
     first = subprocess.Popen(
@@ -319,12 +321,12 @@ def _this_jobs_train_workers(ray_local) -> list[int]:
 
 
 def test_training_worker_killed_mid_run_restores_from_checkpoint(trained_night, ray_local):
-    storage, date = trained_night, SPEC.end_date
+    storage, date = trained_night, FIRST_NIGHT.end_date
     config = load_config(
         "configs/demo.yaml",
         [
-            "train.epochs=6",
-            "train.patience=6",
+            "train.epochs=4",
+            "train.patience=4",
             "model.max_len=30",
             "prepare.max_len=30",
             "train.warm_start=false",
@@ -376,6 +378,9 @@ def test_training_worker_killed_mid_run_restores_from_checkpoint(trained_night, 
     )
     assert uninterrupted.restores == []
     killed_best, clean_best = result.best_val["val_ndcg@10"], uninterrupted.best_val["val_ndcg@10"]
-    print(f"best val NDCG@10: killed {killed_best:.4f}, uninterrupted {clean_best:.4f}")
+    print(
+        f"best val NDCG@10: killed {killed_best:.4f} (resumed at epoch {result.restores[0]}), "
+        f"uninterrupted {clean_best:.4f}"
+    )
     assert killed_best > 0.3
     assert abs(killed_best - clean_best) < TOLERANCE
