@@ -29,6 +29,7 @@ from seqrec.training.datasets import (
     combine_stats,
     item_counts,
     make_datasets,
+    merge_block_stats,
     read_sequences_dataset,
     sequence_stats,
     stored_data_shape,
@@ -175,15 +176,35 @@ def test_vocabulary_counts_and_rows_from_storage_equal_the_in_driver_computation
     source = read_sequences_dataset(storage, SECOND_DAY, SEQUENCE_COLUMNS, rows_per_block=40)
     blocks = source.map_batches(BlockStats(SMALL.max_len + 1, windows), batch_format="pyarrow", batch_size=40)
     stats = combine_stats(blocks, compact_every=2)
-    vocab = build_vocabulary(stats.item_ids, prepare_config, None)
-    assert vocab.items.equals(expected_vocab.items)
-    assert stats.counts_by_index(vocab)[1:].tolist() == expected_counts[1:].tolist()
-    assert (stats.users, stats.longest) == (table.num_rows, longest(table))
-    assert stats.rows == len(expected_rows["items"]) and stats.changed_users == table.num_rows
+    # And as the stage computes them: several blocks' rows merged in Ray Data tasks first.
+    merged = sequence_stats(source, SMALL.max_len + 1, windows)
+    for stats in (stats, merged):
+        vocab = build_vocabulary(stats.item_ids, prepare_config, None)
+        assert vocab.items.equals(expected_vocab.items)
+        assert stats.counts_by_index(vocab)[1:].tolist() == expected_counts[1:].tolist()
+        assert (stats.users, stats.longest) == (table.num_rows, longest(table))
+        assert stats.rows == len(expected_rows["items"]) and stats.changed_users == table.num_rows
 
     datasets = make_datasets(source, vocab, SMALL.max_len, stats.longest, windows=windows)
     streamed = np.concatenate([b["items"] for b in datasets["train"].iter_batches(batch_format="numpy")])
     assert sorted(map(tuple, streamed.tolist())) == sorted(map(tuple, expected_rows["items"].tolist()))
+
+
+def test_merged_block_stats_equal_the_stats_of_one_block():
+    """What the stats pass merges on the cluster before the driver sees it: three blocks' rows
+    merged into one equal the stats of one block holding all their users."""
+    table = pa.table(
+        {
+            "item_ids": [[1, 2, 3, 4], [2, 2, 5, 6, 7], [9, 1, 2, 8], [3, 3, 3, 3, 3, 3]],
+            "event_types": [["view"] * 4, ["view"] * 5, ["view"] * 4, ["view"] * 6],
+        }
+    )
+    stats = BlockStats(row_width=4, windows=True)
+    parts = pa.concat_tables([stats(table.slice(0, 1)), stats(table.slice(1, 2)), stats(table.slice(3))])
+    merged, whole = merge_block_stats(parts).to_pylist()[0], stats(table).to_pylist()[0]
+    for row in (merged, whole):
+        row["counts"] = dict(zip(row.pop("item_ids"), row["counts"]))
+    assert merged == whole and whole["users"] == 4 and whole["counts"][3] == 4  # training part only
 
 
 def test_validation_during_training_uses_the_gates_hash_sample(ray_local, two_nights):
