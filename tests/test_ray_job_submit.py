@@ -67,9 +67,11 @@ def two_node_cluster():
     ray = str(Path(sys.executable).parent / "ray")
 
     # Every port explicit and free: another Ray on this host (the session's) holds the defaults.
+    # Two logical CPUs a node: two evaluation (and scoring) actors of 0.5 CPU, one a node, leave
+    # each node the whole CPU that a read task asks for.
     def node_ports() -> list[str]:
         return [
-            "--num-cpus=1",
+            "--num-cpus=2",
             "--disable-usage-stats",
             f"--dashboard-agent-listen-port={_free_port()}",
             f"--dashboard-agent-grpc-port={_free_port()}",
@@ -127,12 +129,16 @@ def two_node_cluster():
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_ray_job_submit_publishes_the_night(two_node_cluster):
+def test_ray_job_submit_publishes_the_night(two_node_cluster, ray_local, monkeypatch):
+    """The whole night as a job on two nodes: evaluation's and scoring's actors run on both (Ray's own
+    actor records), and the table equals scoring the same model on the single-node Ray of this
+    process, row for row."""
     address, env, ray = two_node_cluster
     root = tempfile.mkdtemp(prefix="seqrec-job-")
     entrypoint = (
         f"python jobs/nightly.py --demo --root {root} --config configs/demo.yaml "
-        "--set train.epochs=3 --set model.max_len=30 --set prepare.max_len=30 --set train.num_workers=2"
+        "--set train.epochs=3 --set model.max_len=30 --set prepare.max_len=30 --set train.num_workers=2 "
+        "--set score.num_actors=2"
     )
     started = time.perf_counter()
     for _ in range(30):  # the job agent registers a few seconds after `ray start` returns
@@ -162,6 +168,10 @@ def test_ray_job_submit_publishes_the_night(two_node_cluster):
     assert "succeeded" in job.stdout
     table = read_recommendations(Storage(root), "2024-01-07")
     assert table is not None and table.num_rows == 2000
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    nodes = actor_nodes(address, ("Evaluator", "Recommender"))
+    assert len(nodes["Evaluator"]) == 2 and len(nodes["Recommender"]) == 2, nodes
+    assert_same_rows_on_one_node(Storage(root), "2024-01-07", table)
     # The README's schedules submit each night under the id seqrec-nightly-<date>: Ray refuses a second one.
     again = subprocess.run(
         [
@@ -219,6 +229,43 @@ def task_nodes(address: str, names: set[str]) -> dict[str, set[str]]:
         if name in names and task.node_id:
             nodes.setdefault(name, set()).add(task.node_id)
     return nodes
+
+
+def actor_nodes(address: str, classes: tuple[str, ...]) -> dict[str, set[str]]:
+    """Ray's own record of the nodes the cluster's Ray Data actors of these classes ran on."""
+    from ray.util.state import list_actors
+
+    nodes: dict[str, set[str]] = {c: set() for c in classes}
+    for actor in list_actors(address=address, limit=10_000, raise_on_missing_output=False):
+        for c in classes:
+            if f"({c})" in actor.class_name and actor.node_id:
+                nodes[c].add(actor.node_id)
+    return nodes
+
+
+def assert_same_rows_on_one_node(storage: Storage, date: str, published: pa.Table) -> None:
+    """Scoring the night's live model again on this process's single-node Ray gives the same rows."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from seqrec import artifact
+    from seqrec.config import load_config
+    from seqrec.score import score
+
+    copy = Storage(tempfile.mkdtemp(prefix="seqrec-one-node-"))
+    shutil.copytree(storage.root, copy.root, dirs_exist_ok=True)
+    score(copy, date, artifact.promoted_version(storage), load_config("configs/demo.yaml").score)
+    again = read_recommendations(copy, date).sort_by("user_id")
+    published = published.sort_by("user_id")
+    exact = ["user_id", "items", "source", "model_version"]
+    assert again.select(exact).equals(published.select(exact))
+    # Scores to float32 rounding: two actors' batches are not one actor's (another matmul shape).
+    np.testing.assert_allclose(
+        pc.list_flatten(again["scores"]).to_numpy(),
+        pc.list_flatten(published["scores"]).to_numpy(),
+        rtol=1e-5,
+    )
+    shutil.rmtree(copy.root, ignore_errors=True)
 
 
 def test_prepare_runs_on_both_nodes_and_equals_one_node(two_node_cluster, ray_local, tmp_path, monkeypatch):

@@ -58,7 +58,8 @@ def test_a_budgeted_search_writes_a_config_that_loads_and_resumes(ray_local, s3_
     storage = Storage(s3_root)
     spec = SyntheticSpec(num_users=300, num_items=60, days=2, end_date="2024-01-02", bad_rows=0)
     write_synthetic(storage, spec)
-    prepare(storage, spec.end_date, load_config().prepare)
+    # Few bucket files: on S3 every Ray Data pass of every trial reads each of them.
+    prepare(storage, spec.end_date, load_config(None, ["prepare.buckets=4"]).prepare)
     out = tmp_path / "chosen.yaml"
     args = [
         "tune",
