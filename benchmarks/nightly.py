@@ -202,9 +202,17 @@ class StageMemory(logging.Handler):
                 self.peaks[self.stage] = {
                     "driver_peak_rss_gib": round(self._driver_peak / GIB, 3),
                     "peak_mem_gib": round(self.tree.peak_mem / GIB, 3),
+                    # who held it: private + file PSS per process role at that peak, and the store
+                    "peak_mem_gib_by_process": {
+                        role: round(held / GIB, 3)
+                        for role, held in sorted(self.tree.peak_by_process.items(), key=lambda kv: -kv[1])
+                        if held >= GIB / 20
+                    },
                 }
+                print(f"peak of {self.stage}: {self.peaks[self.stage]}", file=sys.stderr, flush=True)
             self.stage = stage
             self.tree.peak_mem = 0
+            self.tree.peak_by_process = {}
             self._driver_peak = self.driver.memory_info().rss
 
     def _run(self) -> None:

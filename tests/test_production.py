@@ -315,7 +315,7 @@ def _this_jobs_train_workers(ray_local) -> list[int]:
     never another job's processes on a shared machine."""
     from ray._private import state
 
-    job = ray_local.get_runtime_context().job_id
+    job = ray_local.JobID.from_hex(ray_local.get_runtime_context().get_job_id())
     actors = state.actors(job_id=job, actor_state_name="ALIVE")
     return [a["Pid"] for a in actors.values() if a["ActorClassName"] == "RayTrainWorker" and a["Pid"]]
 

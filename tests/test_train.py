@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -306,6 +308,11 @@ def test_a_cold_night_from_storage_trains_everyone_and_rank_zero_logs_progress(r
         num_workers=2, cpus_per_worker=0.5, epochs=1, batch_size=32, mixed_precision="no", log_every_s=0.0
     )
     run_name = f"cold-{time.time_ns()}"
+    import ray
+
+    worker_env: list[dict[str, str]] = []
+    watcher = threading.Thread(target=_read_train_worker_env, args=(ray, worker_env), daemon=True)
+    watcher.start()
     result = train(
         storage,
         SECOND_DAY,
@@ -314,6 +321,10 @@ def test_a_cold_night_from_storage_trains_everyone_and_rank_zero_logs_progress(r
         prepare_config=prepare_config,
         run_name=run_name,
     )
+    watcher.join(timeout=5)
+    # The workers run with a small oneDNN primitive cache (a cache entry per loss shape grew each
+    # worker by ~1.5 GiB over an epoch at 100k users, see benchmarks/README.md).
+    assert worker_env and worker_env[0].get("ONEDNN_PRIMITIVE_CACHE_CAPACITY") == "8", worker_env
     users = read_sequences(storage, SECOND_DAY, columns=["user_id"]).num_rows
     assert (result.users, result.replayed_users, result.stop_reason) == (users, 0, "epochs")
     assert result.selection.startswith("all users")
@@ -324,8 +335,6 @@ def test_a_cold_night_from_storage_trains_everyone_and_rank_zero_logs_progress(r
     ), [r.msg for r in caplog.records]
 
     # Workers' stderr reaches the driver through Ray's log files (the tests' Ray does not forward it).
-    import ray
-
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     lines = [
         line
@@ -339,6 +348,44 @@ def test_a_cold_night_from_storage_trains_everyone_and_rank_zero_logs_progress(r
         f"epoch 1/1 step 1/{steps} " in line and "rows/s" in line and "epoch ETA" in line for line in lines
     ), lines[-20:]
     assert any("epoch 1/1 validated: train loss" in line for line in lines), lines[-20:]
+
+    # The run's controller and dataset actors exit with it, and are not carried through a night's
+    # evaluation and scoring: fit() installs a SIGINT handler that holds them until it is replaced.
+    deadline = time.time() + 30
+    while _alive_run_actors(ray) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _alive_run_actors(ray)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+RUN_ACTORS = {"TrainController", "DatasetManager", "SplitCoordinator"}
+
+
+def _read_train_worker_env(ray, found: list[dict[str, str]], timeout_s: float = 120.0) -> None:
+    """The environment of a live Ray Train worker of this session's job, read from /proc."""
+    from ray._private import state
+
+    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        actors = state.actors(job_id=job, actor_state_name="ALIVE").values()
+        for pid in [a["Pid"] for a in actors if a["ActorClassName"] == "RayTrainWorker" and a["Pid"]]:
+            try:
+                raw = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            found.append(dict(v.split("=", 1) for v in raw.decode(errors="replace").split("\0") if "=" in v))
+            return
+        time.sleep(0.2)
+
+
+def _alive_run_actors(ray) -> list[str]:
+    """Class names of this test session's live Ray Train controller and training dataset actors."""
+    from ray._private import state
+
+    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    actors = state.actors(job_id=job, actor_state_name="ALIVE")
+    return sorted(a["ActorClassName"] for a in actors.values() if a["ActorClassName"] in RUN_ACTORS)
 
 
 def test_progress_line_and_step_budget():

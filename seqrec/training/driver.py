@@ -8,9 +8,13 @@ and returns the best-on-validation weights of the run's last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import logging
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -227,6 +231,39 @@ def _source(storage: Storage, sequences: pa.Table | str, with_ts: bool) -> ray.d
     return table_dataset(sequences, columns)
 
 
+# Each batch's loss has its own number of labelled positions, and on CPU oneDNN caches a primitive
+# per matmul shape (1024 by default): a training worker grew by about 1.5 GiB over an epoch. The
+# small cache keeps the fixed-shape layers' primitives; 100k-user night (benchmarks/nightly.py):
+# cold train stage 7.41 -> 5.71 GiB for all processes, 146.5 -> 132.5 s.
+ONEDNN_PRIMITIVE_CACHE_CAPACITY = "8"
+
+
+def worker_env_vars() -> dict[str, str]:
+    """Environment of the training workers on top of the job's (a value the job sets is kept)."""
+    return {
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": os.environ.get(
+            "ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_PRIMITIVE_CACHE_CAPACITY
+        )
+    }
+
+
+@contextlib.contextmanager
+def sigint_handler_kept():
+    """Put the process's Ctrl-C handler back after the block.
+
+    ``TorchTrainer.fit`` installs a SIGINT handler that aborts its run and holds the run's controller
+    actor, and with it the run's dataset actors, for as long as the handler is installed: in a night
+    they would stay alive through evaluation and scoring (about 1.5 GiB at 100k users), and a
+    Ctrl-C during scoring would be sent to a finished run.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+
+
 def _fit(
     storage: Storage,
     runs_dir: str,
@@ -259,10 +296,12 @@ def _fit(
             # Ray Train's own INFO lines (worker group, "Reporting training result N") stay in its log
             # files; seqrec's worker logs go through the root logger and are not affected.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": worker_env_vars()},
         ),
         datasets=datasets,
     )
-    result = trainer.fit()
+    with sigint_handler_kept():
+        result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training run {run_name} failed: {result.error}") from result.error
     with result.checkpoint.as_directory() as directory:

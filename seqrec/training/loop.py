@@ -388,7 +388,8 @@ def train_loop_per_worker(inputs: WorkerInputs) -> None:
     if core.config.text_dim and train_config.loss == "ce":
         out_of_softmax = torch.from_numpy(never_trained(np.asarray(inputs.item_counts))).to(device)
 
-    never_recommend = None if inputs.never_recommend is None else torch.from_numpy(inputs.never_recommend)
+    # A copy: the array arrives read-only from the object store, and torch warns on a read-only view.
+    never_recommend = None if inputs.never_recommend is None else torch.tensor(inputs.never_recommend)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     progress = Progress(rank, world, train_config.log_every_s, train_config.epochs, steps_per_epoch)
