@@ -294,6 +294,7 @@ def measure(args, users: int) -> dict[str, Any]:
 
     from seqrec.runtime import init_ray
     from seqrec.storage import Storage
+    from seqrec.training.driver import worker_env_vars
 
     spec = EventSpec(
         users=users,
@@ -357,6 +358,8 @@ def measure(args, users: int) -> dict[str, Any]:
         "warm_val_ndcg@10": round(warm["val_ndcg@10"], 4),
         "cold_val_popularity_ndcg@10": round(cold["val_popularity_ndcg@10"], 4),
         "generate_s": generate_s,
+        # the training workers' oneDNN primitive cache (seqrec.training.driver.worker_env_vars)
+        "onednn_primitive_cache_capacity": int(worker_env_vars()["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]),
         "nights": {"cold": cold, "warm": warm},
     }
 

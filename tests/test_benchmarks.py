@@ -386,3 +386,14 @@ def test_nightly_events_have_daily_activity_and_chains():
     same_user = last["user_id"][1:] == last["user_id"][:-1]
     follows = succ[last["item_id"][:-1] - 1] + 1 == last["item_id"][1:]
     assert 0.7 < follows[same_user].mean() < 0.9  # chains, at --follow 0.8
+
+
+def test_onednn_cache_smoke(tmp_path):
+    import onednn_cache
+
+    out = tmp_path / "onednn.json"
+    flags = ["--capacities", "64", "8", "--steps", "3", "--repeats", "1", "--out", str(out)]
+    assert onednn_cache.main(flags) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["capacity"] for r in rows] == [64, 8]
+    assert all(r["steps_per_s"] > 0 and r["rss_growth_gib"] > -1 for r in rows)

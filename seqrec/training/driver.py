@@ -232,10 +232,11 @@ def _source(storage: Storage, sequences: pa.Table | str, with_ts: bool) -> ray.d
 
 
 # Each batch's loss has its own number of labelled positions, and on CPU oneDNN caches a primitive
-# per matmul shape (1024 by default): a training worker grew by about 1.5 GiB over an epoch. The
-# small cache keeps the fixed-shape layers' primitives; 100k-user night (benchmarks/nightly.py):
-# cold train stage 7.41 -> 5.71 GiB for all processes, 146.5 -> 132.5 s.
-ONEDNN_PRIMITIVE_CACHE_CAPACITY = "8"
+# per matmul shape (1024 by default): a training worker grew by about 1.5 GiB over an epoch. 64
+# entries still hold the fixed-shape layers' primitives (benchmarks/onednn_cache.py, interleaved:
+# 400 steps at 1024 / 64 / 8 entries: 10.6-10.7 / 10.5-10.8 / 9.0-9.3 steps/s, RSS +0.86-1.01 /
+# +0.30-0.34 / +0.35-0.38 GiB).
+ONEDNN_PRIMITIVE_CACHE_CAPACITY = "64"
 
 
 def worker_env_vars() -> dict[str, str]:
