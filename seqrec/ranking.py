@@ -69,6 +69,23 @@ def _merge_top_k(
     return merged_scores, torch.cat(candidate_indices, dim=1).gather(1, order)
 
 
+def at_least(scores: torch.Tensor, threshold: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """(b,) how many of each row's ``scores`` (b, C) are >= its ``threshold`` (b, 1); exact.
+
+    ``(scores >= threshold).sum(1)`` writes a bool block and widens it to int64, five times the
+    cost of the matrix product on a CPU. Here the difference's sign bit does the count: for
+    float32 ``scores - threshold`` is +0.0 on a tie and negative exactly when the score is lower
+    (-inf scores stay -inf), so an arithmetic shift by 31 gives -1 for lower and 0 otherwise.
+    That holds for finite thresholds (-inf - -inf is NaN): others take the comparison.
+    """
+    rows, width = scores.shape
+    if scores.dtype != torch.float32 or scores.device.type != "cpu" or not threshold.isfinite().all():
+        return (scores >= threshold).sum(1)
+    difference = torch.sub(scores, threshold, out=buffer[: rows * width].view(rows, width))
+    lower = difference.view(torch.int32).bitwise_right_shift_(31).sum(1, dtype=torch.int32)
+    return (width + lower).long()
+
+
 @torch.inference_mode()
 def rank_unseen(
     queries: torch.Tensor,
@@ -110,6 +127,7 @@ def rank_unseen(
         if excluded is not None:
             target_hidden |= excluded[targets]
         higher = torch.zeros(batch, dtype=torch.long, device=device)
+        below = torch.empty(min(block_rows, batch) * chunk_size, device=device, dtype=queries.dtype)
 
     best_scores = torch.full((batch, k), NEG_INF, device=device, dtype=queries.dtype)
     best_indices = torch.zeros((batch, k), dtype=torch.long, device=device)
@@ -137,7 +155,7 @@ def rank_unseen(
                 # the target itself never counts (its score here may differ from target_score in the
                 # last bit: matmul and elementwise sums round differently).
                 block_score = target_score[first:last]
-                higher[first:last] += (scores >= block_score).sum(1)
+                higher[first:last] += at_least(scores, block_score, below)
                 local_target = targets[first:last] - start
                 own = (local_target >= 0) & (local_target < stop - start)
                 higher[first:last][own] -= (

@@ -251,3 +251,20 @@ def test_ranks_alone_and_shared_scores_match_the_full_ranking(seed):
         popularity_ranks(popularity, seen, targets),
         rank_unseen(torch.ones(users, 1), popularity[:, None], seen, 10, targets=targets).target_rank,
     )
+
+
+def test_the_sign_bit_count_equals_the_comparison_count():
+    """at_least counts ties, -inf and both signs exactly as ``(scores >= threshold).sum(1)``."""
+    from seqrec.ranking import at_least
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(37, 1000, generator=g).round(decimals=1)  # many exact ties
+    scores[:, ::7] = float("-inf")
+    scores[3] = 0.0  # +0.0 against a -0.0 threshold, and every item a tie
+    threshold = scores[:, 11:12].clone()
+    threshold[3] = -0.0
+    threshold[5] = float("-inf")  # a masked target: every item counts
+    buffer = torch.empty(scores.numel())
+    counted = at_least(scores, threshold, buffer)
+    assert torch.equal(counted, (scores >= threshold).sum(1))
+    assert counted[3] == 1000 and counted[5] == 1000
