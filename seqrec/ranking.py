@@ -69,18 +69,19 @@ def _merge_top_k(
     return merged_scores, torch.cat(candidate_indices, dim=1).gather(1, order)
 
 
-def at_least(scores: torch.Tensor, threshold: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+def at_least(scores: torch.Tensor, threshold: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
     """(b,) how many of each row's ``scores`` (b, C) are >= its ``threshold`` (b, 1); exact.
 
-    ``(scores >= threshold).sum(1)`` writes a bool block and widens it to int64, five times the
-    cost of the matrix product on a CPU. Here the difference's sign bit does the count: for
-    float32 ``scores - threshold`` is +0.0 on a tie and negative exactly when the score is lower
-    (-inf scores stay -inf), so an arithmetic shift by 31 gives -1 for lower and 0 otherwise.
-    That holds for finite thresholds (-inf - -inf is NaN): others take the comparison.
+    On a CPU, ``(scores >= threshold).sum(1)`` writes a bool block and widens it to int64, which
+    costs more than the matrix product that made the block. With a float32 ``buffer`` the
+    difference's sign bit does the count instead: ``scores - threshold`` is +0.0 on a tie and
+    negative exactly when the score is lower (-inf scores stay -inf), so an arithmetic shift by 31
+    gives -1 for lower and 0 otherwise. That needs a finite threshold (-inf - -inf is NaN); without
+    a buffer or with another threshold the comparison counts.
     """
-    rows, width = scores.shape
-    if scores.dtype != torch.float32 or scores.device.type != "cpu" or not threshold.isfinite().all():
+    if buffer is None or not threshold.isfinite().all():
         return (scores >= threshold).sum(1)
+    rows, width = scores.shape
     difference = torch.sub(scores, threshold, out=buffer[: rows * width].view(rows, width))
     lower = difference.view(torch.int32).bitwise_right_shift_(31).sum(1, dtype=torch.int32)
     return (width + lower).long()
@@ -127,7 +128,10 @@ def rank_unseen(
         if excluded is not None:
             target_hidden |= excluded[targets]
         higher = torch.zeros(batch, dtype=torch.long, device=device)
-        below = torch.empty(min(block_rows, batch) * chunk_size, device=device, dtype=queries.dtype)
+        # The sign-bit count's scratch block: float32 on a CPU only (elsewhere the comparison counts).
+        below = None
+        if on_cpu and queries.dtype == torch.float32:
+            below = torch.empty(min(block_rows, batch) * chunk_size, dtype=torch.float32)
 
     best_scores = torch.full((batch, k), NEG_INF, device=device, dtype=queries.dtype)
     best_indices = torch.zeros((batch, k), dtype=torch.long, device=device)

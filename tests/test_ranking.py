@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from seqrec.ranking import popularity_ranks, rank_unseen, ranking_metrics
+from seqrec.ranking import at_least, popularity_ranks, rank_unseen, ranking_metrics
 
 INF = float("inf")
 
@@ -255,8 +255,6 @@ def test_ranks_alone_and_shared_scores_match_the_full_ranking(seed):
 
 def test_the_sign_bit_count_equals_the_comparison_count():
     """at_least counts ties, -inf and both signs exactly as ``(scores >= threshold).sum(1)``."""
-    from seqrec.ranking import at_least
-
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(37, 1000, generator=g).round(decimals=1)  # many exact ties
     scores[:, ::7] = float("-inf")
