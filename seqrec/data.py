@@ -238,3 +238,21 @@ def sample_fraction(max_users: int, users: int) -> float:
 def sampled(batch: pa.Table, fraction: float) -> pa.Table:
     """The rows of ``batch`` whose user is in the sample (a Ray Data batch function)."""
     return batch if fraction >= 1.0 else batch.filter(pa.array(user_sample(batch["user_id"], fraction)))
+
+
+def evaluation_rows(
+    batch: pa.Table, vocab: Vocabulary, width: int, holdout: int, seen_width: int
+) -> dict[str, np.ndarray]:
+    """Leave-one-out rows of users with at least one item before the target.
+
+    items/event_types: the newest ``width`` items before the target, then the target (last column);
+    seen: every item before the target (the newest ``seen_width``), excluded from the ranking as in
+    the literature, even where the history is longer than the model's context.
+    """
+    full = encode(batch, vocab, max(seen_width, width) + 1, drop_last=holdout)
+    keep = full.lengths >= 2
+    return {
+        "items": full.items[keep, -(width + 1) :],
+        "event_types": full.event_types[keep, -(width + 1) :],
+        "seen": full.items[keep, :-1].astype(np.int32),
+    }

@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 
 from seqrec.config import EvalConfig, ScoreConfig
-from seqrec.data import Vocabulary, encode, longest, sample_fraction, sampled
+from seqrec.data import Vocabulary, evaluation_rows, longest, sample_fraction, sampled
 from seqrec.model import SeqRecModel, query_inputs
 from seqrec.ranking import popularity_ranks, rank_unseen, ranking_metrics, user_metrics
 from seqrec.score import (
@@ -47,24 +47,6 @@ PROTOCOL = (
     "leave-one-out: last item = test, second-to-last = validation; full-catalogue ranking with the "
     "user's history excluded; metrics averaged over users with at least one item before the target"
 )
-
-
-def evaluation_rows(
-    batch: pa.Table, vocab: Vocabulary, width: int, holdout: int, seen_width: int
-) -> dict[str, np.ndarray]:
-    """Leave-one-out rows of users with at least one item before the target.
-
-    items/event_types: the newest ``width`` items before the target, then the target (last column);
-    seen: every item before the target (the newest ``seen_width``), excluded from the ranking as in
-    the literature, even where the history is longer than the model's context.
-    """
-    full = encode(batch, vocab, max(seen_width, width) + 1, drop_last=holdout)
-    keep = full.lengths >= 2
-    return {
-        "items": full.items[keep, -(width + 1) :],
-        "event_types": full.event_types[keep, -(width + 1) :],
-        "seen": full.items[keep, :-1].astype(np.int32),
-    }
 
 
 def evaluate_batches(

@@ -297,3 +297,12 @@ def query_inputs(
     items = torch.cat([items[:, 1:], torch.full_like(items[:, :1], mask_index)], dim=1)
     types = torch.cat([types[:, 1:], torch.zeros_like(types[:, :1])], dim=1)
     return items, types
+
+
+def next_item_pairs(
+    items: torch.Tensor, types: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal training rows (B, T+1) -> inputs, their types and next-item labels (B, T); 0 = no label."""
+    inputs, input_types, labels = items[:, :-1], types[:, :-1], items[:, 1:].clone()
+    labels[inputs == 0] = 0  # the first event has no context to predict it from
+    return inputs, input_types, labels

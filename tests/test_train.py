@@ -313,6 +313,8 @@ def test_a_cold_night_from_storage_trains_everyone_and_rank_zero_logs_progress(r
     worker_env: list[dict[str, str]] = []
     watcher = threading.Thread(target=_read_train_worker_env, args=(ray, worker_env), daemon=True)
     watcher.start()
+    # The handler before the run: Python's default in a foreground shell, SIG_IGN in a background job.
+    sigint_before = signal.getsignal(signal.SIGINT)
     result = train(
         storage,
         SECOND_DAY,
@@ -355,7 +357,7 @@ def test_a_cold_night_from_storage_trains_everyone_and_rank_zero_logs_progress(r
     while _alive_run_actors(ray) and time.time() < deadline:
         time.sleep(0.5)
     assert not _alive_run_actors(ray)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is sigint_before
 
 
 RUN_ACTORS = {"TrainController", "DatasetManager", "SplitCoordinator"}

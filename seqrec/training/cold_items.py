@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from seqrec.model import SeqRecModel, query_inputs
-from seqrec.training.datasets import next_item_pairs
+from seqrec.model import SeqRecModel, next_item_pairs, query_inputs
 
 # Users whose rows the placement fit reads: it needs examples, not everyone.
 PLACEMENT_USERS = 20_000

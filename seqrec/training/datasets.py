@@ -20,12 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-import torch
 
 from seqrec.config import DataShape
-from seqrec.data import Vocabulary, encode, list_parts, longest, sampled, window_index
+from seqrec.data import Vocabulary, encode, evaluation_rows, list_parts, longest, sampled, window_index
 from seqrec.errors import InputError
-from seqrec.evaluate import evaluation_rows
 from seqrec.storage import Storage, read_parquet_batches
 
 ENCODE_BATCH_ROWS = 4096
@@ -47,7 +45,7 @@ class EncodeSplit:
 
     ``holdout`` newest items are removed first (2 for training). Rows have ``width + 1`` columns
     (inputs and shifted labels); with ``windows`` a longer history gives one row per window
-    (:func:`seqrec.data.window_index`). Validation rows come from :func:`seqrec.evaluate.evaluation_rows`.
+    (:func:`seqrec.data.window_index`). Validation rows come from :func:`seqrec.data.evaluation_rows`.
     """
 
     def __init__(
@@ -65,15 +63,6 @@ class EncodeSplit:
         enc = encode(batch, self.vocab, self.width + 1, drop_last=self.holdout, windows=self.windows)
         keep = enc.lengths >= self.min_len
         return {"items": enc.items[keep], "event_types": enc.event_types[keep]}
-
-
-def next_item_pairs(
-    items: torch.Tensor, types: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Causal training rows (B, T+1) -> inputs, their types and next-item labels (B, T); 0 = no label."""
-    inputs, input_types, labels = items[:, :-1], types[:, :-1], items[:, 1:].clone()
-    labels[inputs == 0] = 0  # the first event has no context to predict it from
-    return inputs, input_types, labels
 
 
 def item_counts(sequences: pa.Table, vocab: Vocabulary, holdout: int = TRAINING_HOLDOUT) -> np.ndarray:

@@ -23,10 +23,9 @@ import torch
 from seqrec.config import TrainConfig
 from seqrec.evaluate import evaluate_batches, means
 from seqrec.losses import item_loss
-from seqrec.model import SeqRecConfig, SeqRecModel
+from seqrec.model import SeqRecConfig, SeqRecModel, next_item_pairs
 from seqrec.training.checkpoints import TrainingState, load_checkpoint, save_checkpoint
 from seqrec.training.cold_items import never_trained
-from seqrec.training.datasets import next_item_pairs
 
 log = logging.getLogger("seqrec.training")
 
