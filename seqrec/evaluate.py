@@ -10,7 +10,8 @@ The popularity baseline ranks by training-interaction counts under exactly the s
 Data actor pool like scoring's (:mod:`seqrec.score`); each :class:`Evaluator` loads every model
 to judge once (candidate and live, so one pass over the data serves both) and returns metric sums
 and sums of squares per batch, which the driver adds up. The gate judges a stable hash sample of
-users (``eval.max_users``) and reports each metric's standard error. :func:`evaluate` ranks an
+users (:func:`gate_sample_size`: ``eval.max_users``, and no more full-catalogue rankings than
+scoring makes) and reports each metric's standard error. :func:`evaluate` ranks an
 in-memory table in this process (benchmarks on small data, tests).
 """
 
@@ -271,20 +272,38 @@ def summarise(sums: dict[str, float], names: list[str]) -> tuple[dict[str, float
     return mean, stderr
 
 
+def gate_sample_size(config: EvalConfig, users: int, rankings: int) -> int:
+    """Users the gate judges (0: all of them).
+
+    At most ``eval.max_users``, and at most ``eval.max_rankings_per_user`` x ``users`` /
+    ``rankings``, so the gate's full-catalogue rankings (one per judged model and split) never
+    outnumber those of the night's scoring; but never fewer than ``eval.min_users`` (the standard
+    error grows as 1 / sqrt(n)).
+    """
+    if not config.max_users:
+        return 0
+    limit = config.max_users
+    if config.max_rankings_per_user:
+        affordable = int(config.max_rankings_per_user * users / max(rankings, 1))
+        limit = min(limit, max(affordable, config.min_users))
+    return max(limit, 1)
+
+
 def evaluate_models(
     storage: Storage, date: str, judged: list[Judged], config: EvalConfig, pool: ScoreConfig
 ) -> dict[str, dict[str, Any]]:
     """Metrics of each judged model (and of popularity) on ``sequences/dt=date``, on the actor pool.
 
     The models must be saved under ``models/`` (each actor loads them from there). One pass over
-    the hash sample of ``config.max_users`` users (0: all) scores every model; ``pool`` sizes the
+    the hash sample of :func:`gate_sample_size` users scores every model; ``pool`` sizes the
     actors as for scoring. Returns {name: metrics} in :func:`evaluate`'s shape, plus ``stderr``
     beside each split's metrics and the ``sample``.
     """
     started = time.perf_counter()
     files = sequence_files(storage, date)
     rows = sequence_rows(storage, files)
-    fraction = sample_fraction(config.max_users, rows)
+    rankings = sum(len(j.splits) for j in judged)
+    fraction = sample_fraction(gate_sample_size(config, rows, rankings), rows)
     embeds_types = any(
         storage.read_json("models", j.version, "config.json").get("num_event_types") for j in judged
     )
@@ -320,6 +339,7 @@ def evaluate_models(
             "catalogue_size": first["catalogue_size_max"],
             "sample": {
                 "max_users": config.max_users,
+                "rankings": rankings,
                 "fraction": fraction,
                 "users": int(first["sequences"]),
                 "of": rows,

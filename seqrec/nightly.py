@@ -3,7 +3,7 @@
 The candidate is always saved under ``models/<version>/``; it becomes the live model only when its
 validation NDCG@10 on tonight's data is not worse than the promoted model's (measured on the same
 users, same protocol, in one pass of the evaluation actor pool over a hash sample of
-``eval.max_users`` users, with standard errors) by more than ``eval.promote_tolerance``.
+at most ``eval.max_users`` users, with standard errors) by more than ``eval.promote_tolerance``.
 Otherwise tonight is scored with the promoted model and the report says why.
 Promotion is the night's last step, after the table is published: a night that fails before then
 leaves the live model, ``PROMOTED.json`` and every published table as they were, and its report

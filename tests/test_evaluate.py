@@ -18,12 +18,13 @@ import torch
 
 from seqrec.artifact import Artifact, load, save
 from seqrec.config import EvalConfig, ScoreConfig
-from seqrec.data import Vocabulary, user_sample
+from seqrec.data import Vocabulary, sample_fraction, user_sample
 from seqrec.evaluate import (
     Judged,
     evaluate,
     evaluate_models,
     evaluation_rows,
+    gate_sample_size,
     popularity_metrics,
     split_batches,
     summary_table,
@@ -198,7 +199,13 @@ def test_pool_metrics_equal_in_process_evaluation_with_unavailable_items(ray_loc
     for judged in JUDGED:
         reference = in_process(storage, sequences, judged.version, config, judged.splits)
         assert_same_metrics(results[judged.name], reference, judged.splits)
-        assert results[judged.name]["sample"] == {"max_users": 0, "fraction": 1.0, "users": 240, "of": 240}
+        assert results[judged.name]["sample"] == {
+            "max_users": 0,
+            "rankings": 3,
+            "fraction": 1.0,
+            "users": 240,
+            "of": 240,
+        }
     # The exclusion made a difference the pool reproduced (unavailable items are neither ranked nor targets).
     loaded = load(storage, "cand")
     unmasked = evaluate(loaded.model, loaded.vocab, sequences, config)
@@ -234,6 +241,18 @@ def test_pool_metrics_equal_in_process_evaluation_with_unavailable_items(ray_loc
     assert "± s.e." in summary_table(results["candidate"], "val")
 
 
+def test_the_gate_sample_is_bounded_by_max_users_and_by_scoring_cost_with_a_floor():
+    gate = EvalConfig(max_users=100_000, max_rankings_per_user=1.0, min_users=10_000)
+    assert gate_sample_size(gate, 1_000_000, 3) == 100_000  # max_users binds
+    assert gate_sample_size(gate, 100_000, 3) == 33_333  # as many rankings as scoring makes
+    assert gate_sample_size(gate, 100_000, 2) == 50_000
+    assert gate_sample_size(gate, 20_000, 3) == 10_000  # the floor
+    assert gate_sample_size(gate, 500, 3) == 10_000  # a small night: everyone (fraction 1)
+    assert sample_fraction(gate_sample_size(gate, 500, 3), 500) == 1.0
+    assert gate_sample_size(EvalConfig(max_users=0), 10**7, 3) == 0  # everyone, whatever it costs
+    assert gate_sample_size(EvalConfig(max_users=100_000, max_rankings_per_user=0), 100_000, 3) == 100_000
+
+
 def test_hash_sample_is_stable_and_the_same_users_for_every_model(ray_local, judged_night):
     storage, sequences = judged_night
     ids = sequences["user_id"]
@@ -249,7 +268,7 @@ def test_hash_sample_is_stable_and_the_same_users_for_every_model(ray_local, jud
     assert (
         results["candidate"]["sample"]
         == results["live"]["sample"]
-        == {"max_users": 96, "fraction": 0.4, "users": chosen.num_rows, "of": 240}
+        == {"max_users": 96, "rankings": 3, "fraction": 0.4, "users": chosen.num_rows, "of": 240}
     )
     # The in-process path samples the same users: the metrics agree, for both models.
     for judged in JUDGED:
@@ -261,6 +280,13 @@ def test_hash_sample_is_stable_and_the_same_users_for_every_model(ray_local, jud
             in_process(storage, chosen, judged.version, everyone, judged.splits),
             judged.splits,
         )
+    # No more rankings than scoring makes: 3 per judged user (candidate val and test, live val), so
+    # a third of the users once the floor allows it; the same nested hash sample.
+    bounded = EvalConfig(ks=[5, 10], batch_size=16, max_users=96, min_users=10)
+    sample = evaluate_models(storage, DATE, JUDGED, bounded, POOL)["candidate"]["sample"]
+    third = sequences.filter(pa.array(user_sample(ids, 80 / 240)))
+    expected = {"max_users": 96, "rankings": 3, "fraction": 80 / 240, "users": third.num_rows, "of": 240}
+    assert sample == expected
     # A re-run judges the same users (sums may be added in another order: the last bits may differ).
     again = evaluate_models(storage, DATE, JUDGED[:1], config, POOL)["candidate"]["val"]
     assert again["users"] == results["candidate"]["val"]["users"]
