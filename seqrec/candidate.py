@@ -16,7 +16,7 @@ from typing import Any
 
 from seqrec import artifact as artifacts
 from seqrec.config import Config
-from seqrec.evaluate import Judged, evaluate_models
+from seqrec.evaluate import Judged, evaluate_models, gate_users
 from seqrec.runtime import timed
 from seqrec.storage import Storage
 from seqrec.training import TrainResult, train
@@ -95,6 +95,9 @@ def train_candidate(
     live_version = artifacts.promoted_version(storage)
     live = artifacts.load(storage, live_version) if live_version and config.train.warm_start else None
     version = artifacts.new_version(date)
+    judged = [Judged("candidate", version)]
+    if compare_with_live and live_version:
+        judged.append(Judged("live", live_version, splits=("val",)))
     with timed(timings, "train"):
         # From storage (Ray Data), not from the table evaluation reads: see seqrec.training.datasets.
         result = train(
@@ -107,15 +110,12 @@ def train_candidate(
             parent=live,
             text_features_fn=text_features_for(config, storage),
             ks=config.eval.ks,
-            validation_users=config.eval.max_users,
+            validation_users=gate_users(storage, date, judged, config.eval),
         )
     parent_version = result.parent  # None when training fell back to scratch (another architecture)
     artifact = candidate_artifact(storage, date, config, result, version, parent_version, {})
     location = artifacts.save(storage, artifact)
     with timed(timings, "evaluate"):
-        judged = [Judged("candidate", version)]
-        if compare_with_live and live_version:
-            judged.append(Judged("live", live_version, splits=("val",)))
         evaluation = evaluate_models(storage, date, judged, config.eval, config.score)
     metrics, live_metrics = evaluation["candidate"], evaluation.get("live")
     artifacts.write_metrics(

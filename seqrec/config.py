@@ -113,9 +113,10 @@ class EvalConfig:
     # flat in users; each metric's standard error is reported beside it.
     max_users: int = 100_000
     # ... and at most this many full-catalogue rankings per user of the night (each judged model and
-    # split is one: 3 on a warm night), so the gate costs no more rankings than scoring does (0: no
-    # bound), but never fewer than min_users users. max_users=0 evaluates everyone regardless.
-    max_rankings_per_user: float = 1.0
+    # split is one: 3 on a warm night; scoring makes 1), so the gate costs less than scoring: half its
+    # rankings leave room for loading two models per actor (0: no bound); but never fewer than
+    # min_users users. max_users=0 evaluates everyone regardless.
+    max_rankings_per_user: float = 0.5
     min_users: int = 10_000
     promote_tolerance: float = 0.0  # promote unless val NDCG@10 is worse by more than this
 

@@ -289,6 +289,18 @@ def gate_sample_size(config: EvalConfig, users: int, rankings: int) -> int:
     return max(limit, 1)
 
 
+def rankings_per_user(judged: list[Judged]) -> int:
+    """Full-catalogue rankings per judged user: one per model and split."""
+    return sum(len(j.splits) for j in judged)
+
+
+def gate_users(storage: Storage, date: str, judged: list[Judged], config: EvalConfig) -> int:
+    """:func:`gate_sample_size` for ``sequences/dt=date`` (user count from the Parquet footers):
+    training validates on this sample, so it chooses its checkpoint on the users the gate judges."""
+    rows = sequence_rows(storage, sequence_files(storage, date))
+    return gate_sample_size(config, rows, rankings_per_user(judged))
+
+
 def evaluate_models(
     storage: Storage, date: str, judged: list[Judged], config: EvalConfig, pool: ScoreConfig
 ) -> dict[str, dict[str, Any]]:
@@ -302,7 +314,7 @@ def evaluate_models(
     started = time.perf_counter()
     files = sequence_files(storage, date)
     rows = sequence_rows(storage, files)
-    rankings = sum(len(j.splits) for j in judged)
+    rankings = rankings_per_user(judged)
     fraction = sample_fraction(gate_sample_size(config, rows, rankings), rows)
     embeds_types = any(
         storage.read_json("models", j.version, "config.json").get("num_event_types") for j in judged

@@ -251,6 +251,7 @@ def test_the_gate_sample_is_bounded_by_max_users_and_by_scoring_cost_with_a_floo
     assert sample_fraction(gate_sample_size(gate, 500, 3), 500) == 1.0
     assert gate_sample_size(EvalConfig(max_users=0), 10**7, 3) == 0  # everyone, whatever it costs
     assert gate_sample_size(EvalConfig(max_users=100_000, max_rankings_per_user=0), 100_000, 3) == 100_000
+    assert gate_sample_size(EvalConfig(), 100_000, 3) == 16_666  # the default: half of scoring's rankings
 
 
 def test_hash_sample_is_stable_and_the_same_users_for_every_model(ray_local, judged_night):
@@ -282,7 +283,7 @@ def test_hash_sample_is_stable_and_the_same_users_for_every_model(ray_local, jud
         )
     # No more rankings than scoring makes: 3 per judged user (candidate val and test, live val), so
     # a third of the users once the floor allows it; the same nested hash sample.
-    bounded = EvalConfig(ks=[5, 10], batch_size=16, max_users=96, min_users=10)
+    bounded = EvalConfig(ks=[5, 10], batch_size=16, max_users=96, max_rankings_per_user=1.0, min_users=10)
     sample = evaluate_models(storage, DATE, JUDGED, bounded, POOL)["candidate"]["sample"]
     third = sequences.filter(pa.array(user_sample(ids, 80 / 240)))
     expected = {"max_users": 96, "rankings": 3, "fraction": 80 / 240, "users": third.num_rows, "of": 240}

@@ -330,7 +330,9 @@ def test_a_night_whose_scoring_fails_leaves_the_live_model_and_tables_untouched(
 
 
 def test_seqrec_train_makes_a_candidate_the_nightly_way(night, capsys):
-    """`seqrec train` takes the nightly's path: warm-started from the promoted model, saved, not promoted."""
+    """`seqrec train` takes the nightly's path: warm-started from the promoted model, saved, not
+    promoted; training validates on the hash sample the gate judges (here a quarter of the users: the
+    gate makes half as many rankings as scoring, 2 per judged user, once eval.min_users allows)."""
     from seqrec.cli import main
 
     storage, first = night
@@ -351,14 +353,21 @@ def test_seqrec_train_makes_a_candidate_the_nightly_way(night, capsys):
                 "model.max_len=30",
                 "--set",
                 "prepare.max_len=30",
+                "--set",
+                "eval.min_users=10",
             ]
         )
         == 0
     )
-    version = capsys.readouterr().out.strip().splitlines()[-1].split()[1].rstrip(":")
+    printed = capsys.readouterr()
+    version = printed.out.strip().splitlines()[-1].split()[1].rstrip(":")
     candidate = artifact.load(storage, version)
     assert candidate.manifest["parent"] == live
     assert set(candidate.metrics) >= {"val", "test", "live_val", "history"}
+    sample = candidate.metrics["sample"]
+    assert sample["rankings"] == 2 and sample["fraction"] == pytest.approx(1 / 4, abs=0.01)
+    validated = f"validation on a {sample['fraction']:.3g} hash sample of them"
+    assert validated in printed.err, printed.err[-2000:]
     assert artifact.promoted_version(storage) == live
 
 

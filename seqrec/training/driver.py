@@ -104,7 +104,8 @@ def train(
     users with new events plus a replay sample are trained on (see :func:`plan_users`).
     The run's state lives under ``runs_dir/run_name`` below the storage root (a run of that name
     that did not finish resumes from its latest checkpoint); ``validation_users`` (0: all) bounds the
-    per-epoch validation to the hash sample of about that many users the gate judges; ``callbacks``
+    per-epoch validation to the hash sample of about that many users (the night passes the gate's
+    :func:`seqrec.evaluate.gate_users`, so both rank the same users); ``callbacks``
     are Ray Train ``UserCallback``s (``seqrec tune`` passes one that reports each epoch to its Tune trial).
     """
     check_choices(train_config, "train")
