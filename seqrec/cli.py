@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "evaluate",
-        help="leave-one-out metrics of a model (default: the promoted one) on "
-        "eval.max_users users (--set eval.max_users=0: all)",
+        help="leave-one-out metrics of a model (default: the promoted one) on the gate's hash sample "
+        "of users (eval.max_users, eval.max_rankings_per_user; --set eval.max_users=0: all)",
     )
     _common(p)
     p.add_argument("--model", default=None, help="model version under models/ (default: the promoted one)")
