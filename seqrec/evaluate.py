@@ -296,7 +296,8 @@ def rankings_per_user(judged: list[Judged]) -> int:
 
 def gate_users(storage: Storage, date: str, judged: list[Judged], config: EvalConfig) -> int:
     """:func:`gate_sample_size` for ``sequences/dt=date`` (user count from the Parquet footers):
-    training validates on this sample, so it chooses its checkpoint on the users the gate judges."""
+    training validates on this sample (on a warm night, on the users of it that it trains on), so it
+    chooses its checkpoint on users the gate judges."""
     rows = sequence_rows(storage, sequence_files(storage, date))
     return gate_sample_size(config, rows, rankings_per_user(judged))
 
