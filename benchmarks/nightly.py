@@ -260,6 +260,8 @@ def night_config(args, users: int):
         "score.cpus_per_actor=0.5",
         f"prepare.buckets={args.buckets}",
     ]
+    if args.replay_share is not None:
+        overrides.append(f"train.replay_share={args.replay_share}")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     if "max_steps" in fields and args.max_steps:
         overrides += [f"train.max_steps={args.max_steps}", "train.epochs=1000"]
@@ -447,6 +449,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1, help="where the train stage has no max_steps")
     p.add_argument("--actors", type=int, default=2, help="scoring actors")
     p.add_argument("--buckets", type=int, default=64, help="prepare.buckets")
+    p.add_argument(
+        "--replay-share",
+        type=float,
+        default=None,
+        help="the warm night's train.replay_share (default: seqrec's)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--prepare-only", action="store_true", help="the prepare stage alone, full then incremental"
