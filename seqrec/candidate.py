@@ -16,7 +16,7 @@ from typing import Any
 
 from seqrec import artifact as artifacts
 from seqrec.config import Config
-from seqrec.evaluate import Judged, evaluate_models, gate_users
+from seqrec.evaluate import Judged, evaluate_models, gate_sample_size, night_users, rankings_per_user
 from seqrec.runtime import timed
 from seqrec.storage import Storage
 from seqrec.training import TrainResult, train
@@ -98,6 +98,10 @@ def train_candidate(
     judged = [Judged("candidate", version)]
     if compare_with_live and live_version:
         judged.append(Judged("live", live_version, splits=("val",)))
+    # Training validates on the gate's hash sample (on a warm night, on the users of it it trains
+    # on), so it chooses its checkpoint on users the gate judges.
+    users = night_users(storage, date)
+    validation_users = gate_sample_size(config.eval, users, rankings_per_user(judged))
     with timed(timings, "train"):
         # From storage (Ray Data), not from the table evaluation reads: see seqrec.training.datasets.
         result = train(
@@ -110,13 +114,13 @@ def train_candidate(
             parent=live,
             text_features_fn=text_features_for(config, storage),
             ks=config.eval.ks,
-            validation_users=gate_users(storage, date, judged, config.eval),
+            validation_users=validation_users,
         )
     parent_version = result.parent  # None when training fell back to scratch (another architecture)
     artifact = candidate_artifact(storage, date, config, result, version, parent_version, {})
     location = artifacts.save(storage, artifact)
     with timed(timings, "evaluate"):
-        evaluation = evaluate_models(storage, date, judged, config.eval, config.score)
+        evaluation = evaluate_models(storage, date, judged, config.eval, config.score, users)
     metrics, live_metrics = evaluation["candidate"], evaluation.get("live")
     artifacts.write_metrics(
         storage,

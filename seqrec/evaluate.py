@@ -294,27 +294,30 @@ def rankings_per_user(judged: list[Judged]) -> int:
     return sum(len(j.splits) for j in judged)
 
 
-def gate_users(storage: Storage, date: str, judged: list[Judged], config: EvalConfig) -> int:
-    """:func:`gate_sample_size` for ``sequences/dt=date`` (user count from the Parquet footers):
-    training validates on this sample (on a warm night, on the users of it that it trains on), so it
-    chooses its checkpoint on users the gate judges."""
-    rows = sequence_rows(storage, sequence_files(storage, date))
-    return gate_sample_size(config, rows, rankings_per_user(judged))
+def night_users(storage: Storage, date: str) -> int:
+    """Users in ``sequences/dt=date``, from the Parquet footers alone."""
+    return sequence_rows(storage, sequence_files(storage, date))
 
 
 def evaluate_models(
-    storage: Storage, date: str, judged: list[Judged], config: EvalConfig, pool: ScoreConfig
+    storage: Storage,
+    date: str,
+    judged: list[Judged],
+    config: EvalConfig,
+    pool: ScoreConfig,
+    users: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Metrics of each judged model (and of popularity) on ``sequences/dt=date``, on the actor pool.
 
     The models must be saved under ``models/`` (each actor loads them from there). One pass over
     the hash sample of :func:`gate_sample_size` users scores every model; ``pool`` sizes the
-    actors as for scoring. Returns {name: metrics} in :func:`evaluate`'s shape, plus ``stderr``
+    actors as for scoring; ``users``: the night's user count when the caller has it
+    (:func:`night_users`). Returns {name: metrics} in :func:`evaluate`'s shape, plus ``stderr``
     beside each split's metrics and the ``sample``.
     """
     started = time.perf_counter()
     files = sequence_files(storage, date)
-    rows = sequence_rows(storage, files)
+    rows = sequence_rows(storage, files) if users is None else users
     rankings = rankings_per_user(judged)
     fraction = sample_fraction(gate_sample_size(config, rows, rankings), rows)
     embeds_types = any(

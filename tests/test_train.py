@@ -212,7 +212,7 @@ def test_merged_block_stats_equal_the_stats_of_one_block():
 def test_validation_during_training_uses_the_gates_hash_sample(ray_local, two_nights):
     """At a fraction < 1 the per-epoch validation rows are those of the users the evaluation stage
     samples (the same stable hash), so a million-user night validates on the gate's sample
-    (``seqrec.evaluate.gate_users``, passed by ``seqrec.candidate.train_candidate``)."""
+    (``seqrec.evaluate.gate_sample_size``, passed by ``seqrec.candidate.train_candidate``)."""
     storage, prepare_config = two_nights
     table = read_sequences(storage, SECOND_DAY, columns=SEQUENCE_COLUMNS)
     vocab = build_vocabulary(table, prepare_config, None)

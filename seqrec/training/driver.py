@@ -105,7 +105,7 @@ def train(
     The run's state lives under ``runs_dir/run_name`` below the storage root (a run of that name
     that did not finish resumes from its latest checkpoint); ``validation_users`` (0: all) bounds the
     per-epoch validation to the hash sample of about that many users (the night passes the gate's
-    :func:`seqrec.evaluate.gate_users`; a warm night validates the sample's users it trains on);
+    :func:`seqrec.evaluate.gate_sample_size`; a warm night validates the sample's users it trains on);
     ``callbacks`` are Ray Train ``UserCallback``s (``seqrec tune`` passes one that reports each
     epoch to its Tune trial).
     """
