@@ -13,7 +13,6 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,24 +25,19 @@ from seqrec.losses import item_loss
 from seqrec.model import SeqRecConfig, SeqRecModel, next_item_pairs
 from seqrec.training.checkpoints import TrainingState, load_checkpoint, save_checkpoint
 from seqrec.training.cold_items import never_trained
+from seqrec.training.worker import (
+    TRAIN_SHARD,
+    VALIDATION_SHARD,
+    Prefetched,
+    WorkerInputs,
+    epoch_batches,
+    per_worker_batch,
+)
 
 log = logging.getLogger("seqrec.training")
 
 SELECTION_METRIC = "val_ndcg@10"
 VALIDATION_BATCH_ROWS = 512
-
-
-@dataclass
-class WorkerInputs:
-    """Everything a worker needs, built once by the driver (:func:`seqrec.training.driver.train`)."""
-
-    train_config: TrainConfig
-    model_config: dict[str, Any]  # SeqRecConfig.to_dict() of the initial model
-    initial_state: Any  # ray.ObjectRef of its weights: put once, read by every rank
-    train_rows: int  # training rows over all workers (sets the schedule)
-    item_counts: np.ndarray  # (N+1,) training interactions per index
-    ks: list[int] = field(default_factory=lambda: [10, 20])
-    never_recommend: np.ndarray | None = None  # (N+1,) bool: masked in validation as the gate masks
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,11 +290,11 @@ def _train_epoch(
     steps, rows) and the budget that stopped it ("" if none did)."""
     model.train()
     loss_sum, steps, rows_trained, spent = 0.0, 0, 0, ""
+    device = accelerator.device
     for batch in batches:
+        items, types = batch["items"].to(device), batch["event_types"].to(device)
         with accelerator.autocast():
-            loss = training_step_loss(
-                model, core, batch["items"], batch["event_types"], train_config, log_q, out_of_softmax
-            )
+            loss = training_step_loss(model, core, items, types, train_config, log_q, out_of_softmax)
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
@@ -342,7 +336,9 @@ def _should_validate(epoch: int, train_config: TrainConfig, stopping: bool) -> b
     return (epoch + 1) % train_config.eval_every == 0 or epoch == train_config.epochs - 1 or stopping
 
 
-def train_loop_per_worker(inputs: WorkerInputs) -> None:
+def train_loop_per_worker(inputs: WorkerInputs, first_epoch: Prefetched | None = None) -> None:
+    """The loop of :func:`seqrec.training.worker.train_worker`; ``first_epoch``: the first epoch's
+    batches, already being read (None: each epoch's are asked for when it starts)."""
     from accelerate import Accelerator
 
     log_to_stderr()
@@ -368,8 +364,7 @@ def train_loop_per_worker(inputs: WorkerInputs) -> None:
     if restored:
         state.restores.append(start_epoch)  # each restore is one recorded failure of the run
 
-    per_worker_batch = max(1, train_config.batch_size // world)
-    steps_per_epoch = -(-inputs.train_rows // (per_worker_batch * world))
+    steps_per_epoch = -(-inputs.train_rows // (per_worker_batch(train_config, world) * world))
     total_steps = train_config.epochs * steps_per_epoch
     if train_config.max_steps:
         total_steps = min(total_steps, train_config.max_steps)  # the schedule ends with the budget
@@ -389,21 +384,18 @@ def train_loop_per_worker(inputs: WorkerInputs) -> None:
 
     # A copy: the array arrives read-only from the object store, and torch warns on a read-only view.
     never_recommend = None if inputs.never_recommend is None else torch.tensor(inputs.never_recommend)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    train_shard = ray.train.get_dataset_shard(TRAIN_SHARD)
+    val_shard = ray.train.get_dataset_shard(VALIDATION_SHARD)
     progress = Progress(rank, world, train_config.log_every_s, train_config.epochs, steps_per_epoch)
     budget = Budget(train_config, done_steps)
     patience_left = train_config.patience
     for epoch in range(start_epoch, train_config.epochs):
         started = time.perf_counter()
         progress.start_epoch(epoch)
-        batches = train_shard.iter_torch_batches(
-            batch_size=per_worker_batch,
-            dtypes=torch.long,
-            device=str(device),
-            local_shuffle_buffer_size=per_worker_batch * 4,
-            local_shuffle_seed=train_config.seed + epoch * 131 + rank,
-        )
+        if epoch == start_epoch and first_epoch is not None:
+            batches = first_epoch
+        else:
+            batches = epoch_batches(train_shard, train_config, epoch, rank, world)
         sums, spent = _train_epoch(
             model,
             core,
