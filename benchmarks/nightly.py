@@ -18,12 +18,17 @@ The events have the shape of real logs and something to learn:
   Zipf-popular item, so a sequence model beats popularity.
 
 Training gets a fixed small budget (``--max-steps`` where the train stage has ``train.max_steps``,
-else one epoch), so that the nights' costs are comparable from run to run.
+else one epoch), so that the nights' costs are comparable from run to run. Equal budgets need not
+give equal quality (the warm night's model has seen the cold night's data too), so
+``--retrain-epochs N`` also trains from scratch on the warm night's sequences for up to N epochs
+and reports when that retrain reaches the warm candidate's validation NDCG@10 (within one standard
+error) and at what cost: the warm night against a full retrain of equal quality.
 
 Examples::
 
     python benchmarks/nightly.py --users 100000 --items 100000 --events-per-user 30
     python benchmarks/nightly.py --users 1000000 --items 100000 --events-per-user 30 --merge
+    python benchmarks/nightly.py --users 100000 --items 100000 --events-per-user 30 --retrain-epochs 4
     python benchmarks/nightly.py --prepare-only --users 1000000 --items 100000 --events-per-user 30
     python benchmarks/nightly.py --smoke
 """
@@ -284,10 +289,55 @@ def run_night(storage, date: str, config) -> dict[str, Any]:
         "date": date,
         "stages": stages,
         "val_ndcg@10": result.metrics["val"]["model"]["ndcg@10"],
+        "val_ndcg@10_stderr": result.metrics["val"].get("stderr", {}).get("model", {}).get("ndcg@10"),
         "val_popularity_ndcg@10": result.metrics["val"]["popularity"]["ndcg@10"],
         "prepare": result.prepare.as_dict(),
         "promoted": result.promoted,
         "recommendations": result.recommendations.rows,
+    }
+
+
+def full_retrain(storage, date: str, config, epochs: int, warm: dict[str, Any]) -> dict[str, Any]:
+    """The warm candidate's reference: training from scratch on the warm night's sequences.
+
+    Up to ``epochs`` epochs (no early stop), validated after each on the users the warm night's gate
+    judged (the same nested hash sample: its size is the gate's with the live model compared). The
+    retrain reaches the warm candidate's quality at the first epoch whose validation NDCG@10 is at
+    least the warm candidate's minus one standard error; its cost then is the run's wall less the
+    later epochs. A retrain that never gets there gives ``to_quality_s`` None.
+    """
+    from seqrec.evaluate import Judged, gate_sample_size, night_users, rankings_per_user
+    from seqrec.training import train
+
+    judged = [Judged("candidate", "retrain"), Judged("live", "parent", splits=("val",))]
+    users = night_users(storage, date)
+    train_config = dataclasses.replace(
+        config.train, warm_start=False, epochs=epochs, patience=epochs, max_steps=0
+    )
+    gc.collect()
+    result = train(
+        storage,
+        date,
+        model_config=config.model,
+        train_config=train_config,
+        prepare_config=config.prepare,
+        run_name=f"retrain-{date}",
+        ks=config.eval.ks,
+        validation_users=gate_sample_size(config.eval, users, rankings_per_user(judged)),
+    )
+    val = [round(h["val_ndcg@10"], 4) for h in result.history]
+    epoch_s = [round(h["epoch_s"], 2) for h in result.history]
+    target = warm["val_ndcg@10"] - (warm["val_ndcg@10_stderr"] or 0.0)
+    reached = next((i for i, v in enumerate(val) if v >= target), None)
+    to_quality_s = None if reached is None else round(result.wall_s - sum(epoch_s[reached + 1 :]), 2)
+    return {
+        "date": date,
+        "wall_s": round(result.wall_s, 2),
+        "val_ndcg@10_by_epoch": val,
+        "epoch_s": epoch_s,
+        "target_val_ndcg@10": round(target, 4),
+        "epochs_to_quality": None if reached is None else reached + 1,
+        "to_quality_s": to_quality_s,
     }
 
 
@@ -337,6 +387,11 @@ def measure(args, users: int) -> dict[str, Any]:
             return prepare_only(storage, spec, config, per_day, generate_s)
         cold = run_night(storage, cold_date, config)
         warm = run_night(storage, warm_date, config)
+        retrain = (
+            full_retrain(storage, warm_date, config, args.retrain_epochs, warm)
+            if args.retrain_epochs
+            else None
+        )
     finally:
         if started_ray:
             ray.shutdown()
@@ -359,6 +414,10 @@ def measure(args, users: int) -> dict[str, Any]:
         "cold_val_ndcg@10": round(cold["val_ndcg@10"], 4),
         "warm_val_ndcg@10": round(warm["val_ndcg@10"], 4),
         "cold_val_popularity_ndcg@10": round(cold["val_popularity_ndcg@10"], 4),
+        "warm_val_ndcg@10_stderr": round(warm["val_ndcg@10_stderr"] or 0.0, 4),
+        # Equal quality: a retrain from scratch on the warm night's data, to the warm candidate's level.
+        "retrain": retrain,
+        "retrain_to_quality_s": retrain and retrain["to_quality_s"],
         "generate_s": generate_s,
         # the training workers' oneDNN primitive cache (seqrec.training.driver.worker_env_vars)
         "onednn_primitive_cache_capacity": int(worker_env_vars()["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]),
@@ -455,6 +514,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="the warm night's train.replay_share (default: seqrec's)",
     )
+    p.add_argument(
+        "--retrain-epochs",
+        type=int,
+        default=0,
+        help="also train from scratch on the warm night's data for up to this many epochs, to give "
+        "the cost of a full retrain that reaches the warm candidate's quality (0: no retrain)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--prepare-only", action="store_true", help="the prepare stage alone, full then incremental"
@@ -468,6 +534,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.users, args.items, args.events_per_user = [400], 60, 12
         args.max_len, args.hidden, args.negatives, args.batch_size = 20, 16, 16, 64
         args.max_steps, args.epochs, args.actors, args.buckets = 20, 1, 1, 8
+        args.retrain_epochs = 1
     return args
 
 
@@ -530,8 +597,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"val NDCG@10: cold {row['cold_val_ndcg@10']}, warm {row['warm_val_ndcg@10']} "
-            f"(popularity {row['cold_val_popularity_ndcg@10']})"
+            f"± {row['warm_val_ndcg@10_stderr']} (popularity {row['cold_val_popularity_ndcg@10']})"
         )
+        print(f"train s: cold night {row['cold_train_s']}, warm night {row['warm_train_s']}")
+        if row["retrain"]:
+            r = row["retrain"]
+            print(
+                f"retrain from scratch on the warm night's data: val NDCG@10 by epoch "
+                f"{r['val_ndcg@10_by_epoch']} (epochs {r['epoch_s']} s, {r['wall_s']} s in all); "
+                f"the warm candidate's level "
+                f"({r['target_val_ndcg@10']}) after {r['epochs_to_quality']} epoch(s), {r['to_quality_s']} s"
+            )
     out = Path(args.out) if args.out else harness.RESULTS / f"{name}.json"
     if args.merge and out.exists():
         measured = {r["users"] for r in rows}

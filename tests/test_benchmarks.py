@@ -368,6 +368,18 @@ def test_nightly_smoke(ray_shared, tmp_path, capsys):
     assert (cold["prepare"]["mode"], warm["prepare"]["mode"]) == ("full", "incremental")
     assert warm["prepare"]["rows_read"] == row["events_last_day"] < cold["prepare"]["rows_read"]
     assert cold["recommendations"] == warm["recommendations"] == row["users_with_sequences"]
+    # The equal-quality reference: a retrain from scratch on the warm night's data, epoch by epoch.
+    retrain = row["retrain"]
+    assert (
+        retrain["date"] == warm["date"]
+        and len(retrain["val_ndcg@10_by_epoch"]) == len(retrain["epoch_s"]) == 1
+    )
+    assert retrain["target_val_ndcg@10"] <= row["warm_val_ndcg@10"]
+    reached = retrain["epochs_to_quality"]
+    assert (reached is None) == (retrain["to_quality_s"] is None) == (row["retrain_to_quality_s"] is None)
+    if reached is not None:
+        assert retrain["val_ndcg@10_by_epoch"][reached - 1] >= retrain["target_val_ndcg@10"]
+        assert 0 < retrain["to_quality_s"] <= retrain["wall_s"]
     assert "driver_peak_rss_gib" in capsys.readouterr().out  # the per-stage table
 
 

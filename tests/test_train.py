@@ -399,3 +399,57 @@ def test_progress_line_and_step_budget():
     budget = Budget(TrainConfig(max_steps=3), steps_done=1)
     assert [budget.spent() for _ in range(2)] == ["", "max_steps"]
     assert Budget(TrainConfig(), steps_done=0).spent() == ""
+
+
+def test_the_train_function_module_needs_no_model_code():
+    """A worker unpickles the train function, importing its module: that must not pull in
+    transformers (seconds per worker, before the first batch was asked for)."""
+    import subprocess
+    import sys
+
+    code = "import sys, seqrec.training.worker; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_the_first_batch_is_asked_for_on_a_thread_and_every_batch_arrives_in_order():
+    from seqrec.training.worker import Prefetched
+
+    asked_from: list[str] = []
+    released = threading.Event()
+
+    def batches():
+        for i in range(4):
+            asked_from.append(threading.current_thread().name)
+            if i == 0:
+                released.set()
+            yield {"i": i}
+
+    prefetched = Prefetched(batches())
+    assert released.wait(5)  # fetched before anyone iterates
+    assert [b["i"] for b in prefetched] == [0, 1, 2, 3]
+    assert asked_from[0] == "seqrec-first-batch" and set(asked_from[1:]) == {threading.main_thread().name}
+    assert list(Prefetched(iter([]))) == []
+
+    def failing():
+        raise OSError("the split coordinator died")
+        yield  # a generator
+
+    with pytest.raises(OSError, match="coordinator died"):
+        list(Prefetched(failing()))
+
+
+def test_the_controller_poll_interval_is_set_for_the_run_only_and_a_jobs_own_value_kept(monkeypatch):
+    import os
+
+    from seqrec.training.driver import CONTROLLER_POLL_S, controller_poll_interval
+
+    key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    monkeypatch.delenv(key, raising=False)
+    with controller_poll_interval():
+        assert os.environ[key] == CONTROLLER_POLL_S
+    assert key not in os.environ
+    monkeypatch.setenv(key, "3")
+    with controller_poll_interval():
+        assert os.environ[key] == "3"
+    assert os.environ[key] == "3"
