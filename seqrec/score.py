@@ -263,7 +263,9 @@ def on_actor_pool(dataset, actor: type, kwargs: dict, batch_size: int, config: S
         compute=pool,
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor or None,
-        scheduling_strategy="SPREAD",  # one node's actors would leave the others' cores idle
+        # Spread over the nodes (one node's actors would leave the others' cores idle): Ray Data's
+        # default for pool actors (DataContext.scheduling_strategy), so it is not passed here, where
+        # it went through **ray_remote_args, deprecated (and a warning on every night) since Ray 2.60.
     )
     if config.object_store_gib > 0:
         # Backpressure: the reader pauses while this much is queued, so memory stays flat in users.
