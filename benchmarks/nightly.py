@@ -289,7 +289,7 @@ def run_night(storage, date: str, config) -> dict[str, Any]:
         "date": date,
         "stages": stages,
         "val_ndcg@10": result.metrics["val"]["model"]["ndcg@10"],
-        "val_ndcg@10_stderr": result.metrics["val"].get("stderr", {}).get("model", {}).get("ndcg@10"),
+        "val_ndcg@10_stderr": result.metrics["val"]["stderr"]["model"]["ndcg@10"],
         "val_popularity_ndcg@10": result.metrics["val"]["popularity"]["ndcg@10"],
         "prepare": result.prepare.as_dict(),
         "promoted": result.promoted,
@@ -327,7 +327,7 @@ def full_retrain(storage, date: str, config, epochs: int, warm: dict[str, Any]) 
     )
     val = [round(h["val_ndcg@10"], 4) for h in result.history]
     epoch_s = [round(h["epoch_s"], 2) for h in result.history]
-    target = warm["val_ndcg@10"] - (warm["val_ndcg@10_stderr"] or 0.0)
+    target = warm["val_ndcg@10"] - warm["val_ndcg@10_stderr"]
     reached = next((i for i, v in enumerate(val) if v >= target), None)
     to_quality_s = None if reached is None else round(result.wall_s - sum(epoch_s[reached + 1 :]), 2)
     return {
@@ -414,7 +414,7 @@ def measure(args, users: int) -> dict[str, Any]:
         "cold_val_ndcg@10": round(cold["val_ndcg@10"], 4),
         "warm_val_ndcg@10": round(warm["val_ndcg@10"], 4),
         "cold_val_popularity_ndcg@10": round(cold["val_popularity_ndcg@10"], 4),
-        "warm_val_ndcg@10_stderr": round(warm["val_ndcg@10_stderr"] or 0.0, 4),
+        "warm_val_ndcg@10_stderr": round(warm["val_ndcg@10_stderr"], 4),
         # Equal quality: a retrain from scratch on the warm night's data, to the warm candidate's level.
         "retrain": retrain,
         "retrain_to_quality_s": retrain and retrain["to_quality_s"],
@@ -605,8 +605,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"retrain from scratch on the warm night's data: val NDCG@10 by epoch "
                 f"{r['val_ndcg@10_by_epoch']} (epochs {r['epoch_s']} s, {r['wall_s']} s in all); "
-                f"the warm candidate's level "
-                f"({r['target_val_ndcg@10']}) after {r['epochs_to_quality']} epoch(s), {r['to_quality_s']} s"
+                f"the warm candidate's level ({r['target_val_ndcg@10']}) after "
+                f"{r['epochs_to_quality']} epoch(s), {r['to_quality_s']} s"
             )
     out = Path(args.out) if args.out else harness.RESULTS / f"{name}.json"
     if args.merge and out.exists():

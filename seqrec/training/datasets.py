@@ -38,6 +38,9 @@ MIN_TRAINING_LEN = 2  # a row needs an input and a label
 # every CPU of a small node (a task that waits for a free CPU there waits forever), and their
 # vectorised encoding costs little next to a training step.
 INPUT_TASK_CPUS = 0.0
+# The names of the datasets Ray Train hands the workers (ray.train.get_dataset_shard).
+TRAIN_SHARD = "train"
+VALIDATION_SHARD = "val"
 
 
 class EncodeSplit:
@@ -434,7 +437,7 @@ def make_datasets(
         batch_size=ENCODE_BATCH_ROWS,
         num_cpus=INPUT_TASK_CPUS,
     )
-    return {"train": training_rows, "val": validation_rows}
+    return {TRAIN_SHARD: training_rows, VALIDATION_SHARD: validation_rows}
 
 
 def placement_sample(source: ray.data.Dataset, users: int, size: int, seed: int) -> pa.Table:

@@ -25,14 +25,8 @@ from seqrec.losses import item_loss
 from seqrec.model import SeqRecConfig, SeqRecModel, next_item_pairs
 from seqrec.training.checkpoints import TrainingState, load_checkpoint, save_checkpoint
 from seqrec.training.cold_items import never_trained
-from seqrec.training.worker import (
-    TRAIN_SHARD,
-    VALIDATION_SHARD,
-    Prefetched,
-    WorkerInputs,
-    epoch_batches,
-    per_worker_batch,
-)
+from seqrec.training.datasets import TRAIN_SHARD, VALIDATION_SHARD
+from seqrec.training.worker import Prefetched, WorkerInputs, epoch_batches, per_worker_batch
 
 log = logging.getLogger("seqrec.training")
 

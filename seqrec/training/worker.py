@@ -4,7 +4,7 @@ Unpickling a train function imports the module it lives in. The loop (:mod:`seqr
 imports the model and with it ``transformers``: about 3.4 s in every worker process on this 2-core
 machine, during which the workers' input pipeline had not started yet (the first batch then took
 another 3.6 s on the demo night, and 15 s at 1M users on an AVX2-only host). :func:`train_worker`
-lives here, with only Ray and NumPy: it asks for the first epoch's first batch on a thread, which
+lives here, without torch or the model: it asks for the first epoch's first batch on a thread, which
 starts the pipeline, and imports the loop while those rows are read.
 """
 
@@ -19,9 +19,7 @@ import numpy as np
 import ray
 
 from seqrec.config import TrainConfig
-
-TRAIN_SHARD = "train"
-VALIDATION_SHARD = "val"
+from seqrec.training.datasets import TRAIN_SHARD
 
 
 @dataclass
