@@ -170,14 +170,21 @@ def write_metrics(storage: Storage, version: str, metrics: dict[str, Any]) -> No
     storage.write_json(metrics, "models", version, "metrics.json")
 
 
-def load(storage: Storage, version: str, cache_dir: str | Path | None = None) -> Artifact:
+def load(storage: Storage, version: str) -> Artifact:
+    """The artifact ``models/<version>/``, in memory.
+
+    From object storage it is downloaded into a temporary directory that is removed once loaded:
+    every evaluation and scoring actor of every night loads the model, and kept copies filled the
+    nodes' /tmp (a removed file stays readable to whatever still maps it).
+    """
     if not storage.exists("models", version, "config.json"):
         raise ArtifactError(f"no model {version!r} under {storage.uri('models')}")
     if not storage.is_s3:
         return read_local(storage.path("models", version), version)
-    local = Path(cache_dir or tempfile.mkdtemp(prefix="seqrec-model-")) / version
-    storage.download_dir(f"models/{version}", local)
-    return read_local(local, version)
+    with tempfile.TemporaryDirectory(prefix="seqrec-model-") as tmp:
+        local = Path(tmp) / version
+        storage.download_dir(f"models/{version}", local)
+        return read_local(local, version)
 
 
 def promoted_version(storage: Storage) -> str | None:

@@ -91,7 +91,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         int(resources.get("CPU", 0)),
         int(resources.get("GPU", 0)),
     )
+    configure_ray_data()
+
+
+def configure_ray_data(progress: bool | None = None) -> None:
+    """Ray Data settings of a process whose datasets seqrec runs: the driver, or a tune trial.
+
+    Progress bars only where someone watches (``progress`` default: stderr is a terminal, or
+    SEQREC_PROGRESS=1); elsewhere they are thousands of lines of log. A dataset takes the settings of
+    the process that creates it, so a tune trial sets its own (off: Tune prints the trials' table).
+    """
     from ray import data as ray_data
 
-    ctx = ray_data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty() or os.environ.get("SEQREC_PROGRESS") == "1"
+    if progress is None:
+        progress = sys.stderr.isatty() or os.environ.get("SEQREC_PROGRESS") == "1"
+    ray_data.DataContext.get_current().enable_progress_bars = progress

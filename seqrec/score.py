@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +70,7 @@ class RankingModel:
         device: str = "cpu",
         low_precision: bool = True,
     ):
-        self.artifact = artifacts.load(storage, version, cache_dir=tempfile.mkdtemp(prefix="seqrec-score-"))
+        self.artifact = artifacts.load(storage, version)
         self.device = torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu")
         self.model = self.artifact.model.to(self.device).eval()
         if self.device.type == "cuda" and low_precision:
@@ -305,7 +304,7 @@ def _score(
     started = time.perf_counter()
     files = sequence_files(storage, date)
     # Only the artifact's vocabulary is needed on the driver (for the availability mask).
-    probe = artifacts.load(storage, version, cache_dir=tempfile.mkdtemp(prefix="seqrec-probe-"))
+    probe = artifacts.load(storage, version)
     never_recommend = unavailable_items(storage, probe.vocab)
     # Column projection: event types are decoded only for a model that embeds them.
     columns = sequence_columns(bool(probe.model.config.num_event_types))

@@ -177,8 +177,10 @@ def run_trial(params: dict[str, Any], *, root: str, date: str, start: dict[str, 
     from ray import tune
 
     from seqrec.candidate import text_features_for
+    from seqrec.runtime import configure_ray_data
     from seqrec.training import train
 
+    configure_ray_data(progress=False)  # the trial's datasets are created here, in its own process
     storage = Storage(root)
     config = trial_config(config_from_dict(start), params)
     sequences = read_sequences(storage, date, columns=SEQUENCE_COLUMNS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -207,3 +208,18 @@ def test_save_load_and_promote_through_storage(tmp_path):
     assert pointer["previous"] == first.version
     assert pointer["metrics"] == {}
     assert load(storage, promoted_version(storage)).version == second.version
+
+
+def test_a_model_loaded_from_object_storage_leaves_no_copy_on_disk(s3_root, tmp_path, monkeypatch):
+    """Every evaluation and scoring actor of every night loads the model: its download is removed
+    once the weights are in memory, and they stay usable."""
+    storage = Storage(s3_root)
+    saved = artifact()
+    save(storage, saved)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    loaded = load(storage, saved.version)
+    assert list(scratch.iterdir()) == []
+    assert same_weights(loaded.model, saved.model)
+    assert loaded.vocab.num_items == saved.vocab.num_items

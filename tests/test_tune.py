@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -90,8 +92,18 @@ def test_a_budgeted_search_writes_a_config_that_loads_and_resumes(ray_local, s3_
         "--set",
         "train.num_workers=2",
     ]
+    started = time.time()
     assert main(args) == 0
     printed = capsys.readouterr().out
+    # A trial's datasets are created in the trial's process: no Ray Data progress bars there either
+    # (they were thousands of lines per trial). Every Ray worker's output goes to the session's logs.
+    logs = Path(ray_local._private.worker._global_node.get_logs_dir_path())
+    bars = [
+        p.name
+        for p in logs.glob("worker-*")
+        if p.stat().st_mtime >= started and "Running Dataset" in p.read_text(errors="replace")
+    ]
+    assert bars == []
     report = json.loads(storage.read_bytes("tune", "small", "report.json"))
     assert not report["restored"] and report["preset"] == "medium"
     trials = report["trials"]
