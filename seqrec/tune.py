@@ -47,7 +47,10 @@ from seqrec.training.loop import SELECTION_METRIC
 
 log = logging.getLogger("seqrec.tune")
 
-TRIAL_CPUS = 0.01  # the trial itself only waits on its training run, which holds the worker's CPUs
+# A trial holds train.cpus_per_worker CPUs in all: TRIAL_CPUS for the trial function, which only
+# waits on its training run, and the rest for that run's one worker. Reserving TRIAL_CPUS on top
+# fitted one trial of 1.01 CPUs on a 2-CPU machine, whose second core then idled for the whole search.
+TRIAL_CPUS = 0.01
 
 
 @dataclass
@@ -145,14 +148,17 @@ def search_space(shape: DataShape, fixed: set[str] = frozenset()) -> SearchSpace
 
 
 def trial_config(start: Config, params: dict[str, Any]) -> Config:
-    """The config one trial trains with: the sampled ``params`` on ``start``, one worker, no warm start,
-    validation every epoch (ASHA and the report judge each one)."""
-    threads = start.train.torch_threads or max(1, int(start.train.cpus_per_worker))
+    """The config one trial trains with: the sampled ``params`` on ``start``, one worker of
+    ``cpus_per_worker`` less the trial function's share (see TRIAL_CPUS), no warm start, validation
+    every epoch (ASHA and the report judge each one)."""
+    cpus = start.train.cpus_per_worker
+    threads = start.train.torch_threads or max(1, round(cpus))
     return apply_overrides(
         start,
         {
             **params,
             "train.num_workers": 1,
+            "train.cpus_per_worker": max(cpus - TRIAL_CPUS, TRIAL_CPUS),
             "train.warm_start": False,
             "train.eval_every": 1,
             "train.torch_threads": threads,
@@ -308,11 +314,13 @@ def trial_dirname(trial) -> str:
     return f"trial-{trial.trial_id}"
 
 
-def _concurrency(settings: TuneSettings, start: Config) -> int:
+def concurrency(settings: TuneSettings, start: Config, cluster_cpus: float) -> int:
+    """Trials at once: ``--concurrency``, else as many as the cluster's CPUs hold (a trial holds
+    ``train.cpus_per_worker``, see TRIAL_CPUS)."""
     if settings.concurrency:
         return settings.concurrency
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    return max(1, min(settings.trials, int(cpus // (start.train.cpus_per_worker + TRIAL_CPUS))))
+    fits = math.floor(cluster_cpus / start.train.cpus_per_worker + 1e-9)
+    return max(1, min(settings.trials, fits))
 
 
 def search(
@@ -392,7 +400,7 @@ def search(
                 search_alg=BasicVariantGenerator(
                     points_to_evaluate=[first],
                     random_state=settings.seed,
-                    max_concurrent=_concurrency(settings, start),
+                    max_concurrent=concurrency(settings, start, ray.cluster_resources().get("CPU", 1.0)),
                 ),
             ),
             run_config=ray_tune.RunConfig(

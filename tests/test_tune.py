@@ -10,7 +10,16 @@ import pytest
 import yaml
 
 from seqrec.config import Config, DataShape, load_config
-from seqrec.tune import Choice, LogRange, preset, search_space
+from seqrec.tune import (
+    TRIAL_CPUS,
+    Choice,
+    LogRange,
+    TuneSettings,
+    concurrency,
+    preset,
+    search_space,
+    trial_config,
+)
 
 BEAUTY = DataShape(
     users=22363, items=12101, interactions=198502, length_p50=6.0, length_p95=21.0, length_max=204
@@ -45,6 +54,26 @@ def test_the_starting_point_is_always_in_the_space():
     assert space.fields["model.dropout"] == Choice((0.1, 0.2, 0.25, 0.3, 0.5))
     assert space.fields["train.lr"] == LogRange(3e-4, 0.01)
     assert search_space(BEAUTY).including(Config()).fields["train.num_negatives"] == Choice((256, 1024, 4096))
+
+
+def test_trials_fill_the_cpus_they_are_given():
+    """A trial's function and its training worker hold train.cpus_per_worker between them: the
+    default (1 CPU) runs two trials at once on 2 CPUs, each training with one thread."""
+    default = Config()
+    assert default.train.cpus_per_worker == 1.0
+    settings = TuneSettings(name="t", trials=16)
+    assert concurrency(settings, default, cluster_cpus=2.0) == 2
+    assert concurrency(settings, default, cluster_cpus=16.0) == 16
+    assert concurrency(TuneSettings(name="t", trials=3), default, cluster_cpus=16.0) == 3
+    assert concurrency(TuneSettings(name="t", concurrency=1), default, cluster_cpus=16.0) == 1
+    half = load_config(None, ["train.cpus_per_worker=0.5"])
+    assert concurrency(settings, half, cluster_cpus=2.0) == 4
+
+    trial = trial_config(default, {"model.dropout": 0.5})
+    assert trial.train.cpus_per_worker + TRIAL_CPUS == pytest.approx(default.train.cpus_per_worker)
+    assert (trial.train.num_workers, trial.train.torch_threads, trial.model.dropout) == (1, 1, 0.5)
+    four = trial_config(load_config(None, ["train.cpus_per_worker=4"]), {})
+    assert (four.train.cpus_per_worker, four.train.torch_threads) == (4 - TRIAL_CPUS, 4)
 
 
 @pytest.mark.slow
