@@ -444,7 +444,7 @@ def run(args) -> int:
         args.model = _model_version(storage, args.model)
     from seqrec.runtime import init_ray
 
-    init_ray(args.ray_address)
+    init_ray(args.ray_address, state_api=args.command == "tune")
     return _RAY_COMMANDS[args.command](args, storage, date, config)
 
 

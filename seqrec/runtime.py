@@ -55,9 +55,17 @@ def worker_setup() -> None:
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, state_api: bool = False) -> None:
     """Join the cluster named by ``address`` / ``RAY_ADDRESS`` (``ray job submit`` sets it), else start
-    a local single-node Ray sized to this machine."""
+    a local single-node Ray sized to this machine.
+
+    ``state_api``: the local Ray also runs the dashboard, which serves Ray's state API. Ray Train's
+    PlacementGroupCleaner asks it whether a run's controller is alive, and only then frees the CPUs
+    of a run whose controller died without shutting down: a ``seqrec tune`` trial cut by ASHA. Without
+    it every cut trial kept its worker's CPUs until the search stalled. A night does not need it (its
+    runs shut down; the local Ray ends with the process) and saves the dashboard's start-up and
+    memory. A cluster runs its own dashboard.
+    """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -80,7 +88,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=False,
+            include_dashboard=state_api,
             log_to_driver=True,
             runtime_env={"env_vars": env, "worker_process_setup_hook": "seqrec.runtime.worker_setup"},
         )

@@ -40,9 +40,9 @@ from seqrec.config import (
     context_length,
     suggested,
 )
-from seqrec.data import SEQUENCE_COLUMNS, data_shape
-from seqrec.prepare import InputError, read_sequences
+from seqrec.prepare import InputError
 from seqrec.storage import Storage
+from seqrec.training.datasets import stored_data_shape
 from seqrec.training.loop import SELECTION_METRIC
 
 log = logging.getLogger("seqrec.tune")
@@ -189,10 +189,11 @@ def run_trial(params: dict[str, Any], *, root: str, date: str, start: dict[str, 
     configure_ray_data(progress=False)  # the trial's datasets are created here, in its own process
     storage = Storage(root)
     config = trial_config(config_from_dict(start), params)
-    sequences = read_sequences(storage, date, columns=SEQUENCE_COLUMNS)
+    # The night's path: read from storage by Ray Data tasks that need no CPU. An in-memory table
+    # (ray.data.from_arrow) runs 1-CPU tasks, which wait forever beside trials holding the CPUs.
     train(
         storage,
-        sequences,
+        date,
         model_config=config.model,
         train_config=config.train,
         prepare_config=config.prepare,
@@ -339,9 +340,7 @@ def search(
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     started = time.perf_counter()
-    sequences = read_sequences(storage, date, columns=SEQUENCE_COLUMNS)
-    shape = data_shape(sequences)
-    del sequences
+    shape = stored_data_shape(storage, date)  # as the night computes it: the driver holds no sequences
     if base.train.epochs < 1 or settings.trials < 1 or settings.budget_minutes <= 0:
         raise InputError("seqrec tune needs train.epochs >= 1, --trials >= 1 and --budget-minutes > 0")
     start = apply_overrides(base, suggested(base, shape, set(explicit) | set(fixed)))

@@ -76,6 +76,34 @@ def test_trials_fill_the_cpus_they_are_given():
     assert (four.train.cpus_per_worker, four.train.torch_threads) == (4 - TRIAL_CPUS, 4)
 
 
+def test_the_local_ray_of_a_search_answers_rays_state_api():
+    """Ray Train frees the CPUs of a run whose controller died (a trial cut by ASHA) only once Ray's
+    state API says the controller is dead; without it a search stalled after a few cuts. The local
+    Ray that `seqrec tune` starts serves the state API (a night's does not need it)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import ray\n"
+        "from seqrec.runtime import init_ray\n"
+        "init_ray(num_cpus=1, state_api=True)\n"
+        "from ray.train.v2._internal.state.util import is_actor_alive\n"
+        "@ray.remote(num_cpus=0)\n"
+        "class Probe:\n"
+        "    def ping(self):\n"
+        "        return True\n"
+        "probe = Probe.remote()\n"
+        "ray.get(probe.ping.remote())\n"
+        "print('alive', is_actor_alive(probe._actor_id.hex(), timeout=30))\n"
+        "ray.kill(probe)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "alive True" in done.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # 283-490 s at load average 50-65 on 2 cores; past the suite's 600 s at 75
 def test_a_budgeted_search_writes_a_config_that_loads_and_resumes(ray_local, s3_root, tmp_path, capsys):
