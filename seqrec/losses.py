@@ -124,14 +124,19 @@ def sampled_ce(
 def gbce(
     hidden: torch.Tensor, labels: torch.Tensor, items: torch.Tensor, num_negatives: int, t: float
 ) -> torch.Tensor:
+    """Negatives are drawn uniformly once per batch and shared by every position, as in
+    :func:`sampled_ce`: a (P, M) matmul. Drawn per position they were gathered into a (P, M, hidden)
+    tensor: at 4,096 negatives and hidden 128 one S3-Rec Beauty epoch took 1,007 s, against about
+    25 s with the full softmax. Each positive still meets M uniform negatives, so alpha and beta are
+    unchanged."""
     num_items = items.shape[0] - 1
-    negatives = torch.randint(1, num_items + 1, (len(labels), num_negatives), device=hidden.device)  # (P, M)
+    negatives = torch.randint(1, num_items + 1, (num_negatives,), device=hidden.device)  # (M,) shared
     pos = (hidden * items[labels]).sum(-1)  # (P,)
-    neg = torch.einsum("ph,pmh->pm", hidden, items[negatives])  # (P, M)
+    neg = hidden @ items[negatives].T  # (P, M)
     alpha = num_negatives / max(num_items - 1, 1)
     beta = alpha * (t * (1 - 1 / alpha) + 1 / alpha)
     pos_term = beta * F.logsigmoid(pos)
-    neg_term = F.logsigmoid(-neg).masked_fill(negatives == labels[:, None], 0.0).sum(-1)
+    neg_term = F.logsigmoid(-neg).masked_fill(negatives[None, :] == labels[:, None], 0.0).sum(-1)
     return -(pos_term + neg_term).mean()
 
 

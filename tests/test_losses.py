@@ -188,12 +188,12 @@ def test_gbce_t0_is_plain_bce_with_the_same_negatives():
     torch.manual_seed(9)
     loss = gbce(hidden, labels, items, num_negatives=6, t=0.0)
     torch.manual_seed(9)
-    negatives = torch.randint(1, NUM_ITEMS + 1, (POSITIONS, 6))
+    negatives = torch.randint(1, NUM_ITEMS + 1, (6,))  # shared by every position
     pos = (hidden * items[labels]).sum(-1)
-    neg = torch.einsum("ph,pmh->pm", hidden, items[negatives])
+    neg = torch.einsum("ph,mh->pm", hidden, items[negatives])
     pos_bce = F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos), reduction="none")
     neg_bce = F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg), reduction="none")
-    neg_bce = neg_bce.masked_fill(negatives == labels[:, None], 0.0)  # accidental hits are not negatives
+    neg_bce = neg_bce.masked_fill(negatives[None, :] == labels[:, None], 0.0)  # accidental hits
     torch.testing.assert_close(loss, (pos_bce + neg_bce.sum(1)).mean())
 
 
