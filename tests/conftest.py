@@ -122,6 +122,15 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
+def this_jobs_live_actors(ray) -> list[dict]:
+    """Ray's records (``ActorClassName``, ``Pid``, ...) of the live actors of this test session's own
+    Ray job: never another job's processes on a shared machine."""
+    from ray._private import state
+
+    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    return list(state.actors(job_id=job, actor_state_name="ALIVE").values())
+
+
 @pytest.fixture(scope="session")
 def demo_config():
     """The quick-start configuration, shrunk so a whole night takes well under a minute."""

@@ -14,7 +14,7 @@ import time
 import psutil
 import pyarrow.compute as pc
 import pytest
-from conftest import FIRST_NIGHT
+from conftest import FIRST_NIGHT, this_jobs_live_actors
 
 from seqrec import artifact
 from seqrec.config import load_config
@@ -313,11 +313,8 @@ def test_two_concurrent_runs_of_one_night_exactly_one_publishes(trained_night, r
 def _this_jobs_train_workers(ray_local) -> list[int]:
     """Pids of the live Ray Train workers of this test session's own Ray job (from Ray's actor table):
     never another job's processes on a shared machine."""
-    from ray._private import state
-
-    job = ray_local.JobID.from_hex(ray_local.get_runtime_context().get_job_id())
-    actors = state.actors(job_id=job, actor_state_name="ALIVE")
-    return [a["Pid"] for a in actors.values() if a["ActorClassName"] == "RayTrainWorker" and a["Pid"]]
+    actors = this_jobs_live_actors(ray_local)
+    return [a["Pid"] for a in actors if a["ActorClassName"] == "RayTrainWorker" and a["Pid"]]
 
 
 def test_training_worker_killed_mid_run_restores_from_checkpoint(trained_night, ray_local):

@@ -129,12 +129,12 @@ def two_node_cluster():
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_ray_job_submit_publishes_the_night(two_node_cluster, ray_local, monkeypatch):
+def test_ray_job_submit_publishes_the_night(two_node_cluster, ray_local, monkeypatch, tmp_path):
     """The whole night as a job on two nodes: evaluation's and scoring's actors run on both (Ray's own
     actor records), and the table equals scoring the same model on the single-node Ray of this
     process, row for row."""
     address, env, ray = two_node_cluster
-    root = tempfile.mkdtemp(prefix="seqrec-job-")
+    root = str(tmp_path / "root")
     entrypoint = (
         f"python jobs/nightly.py --demo --root {root} --config configs/demo.yaml "
         "--set train.epochs=3 --set model.max_len=30 --set prepare.max_len=30 --set train.num_workers=2 "

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import this_jobs_live_actors
 
 from seqrec.artifact import Artifact
 from seqrec.config import ModelConfig, PrepareConfig, TrainConfig
@@ -366,12 +367,9 @@ RUN_ACTORS = {"TrainController", "DatasetManager", "SplitCoordinator"}
 
 def _read_train_worker_env(ray, found: list[dict[str, str]], timeout_s: float = 120.0) -> None:
     """The environment of a live Ray Train worker of this session's job, read from /proc."""
-    from ray._private import state
-
-    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        actors = state.actors(job_id=job, actor_state_name="ALIVE").values()
+        actors = this_jobs_live_actors(ray)
         for pid in [a["Pid"] for a in actors if a["ActorClassName"] == "RayTrainWorker" and a["Pid"]]:
             try:
                 raw = Path(f"/proc/{pid}/environ").read_bytes()
@@ -384,11 +382,8 @@ def _read_train_worker_env(ray, found: list[dict[str, str]], timeout_s: float = 
 
 def _alive_run_actors(ray) -> list[str]:
     """Class names of this test session's live Ray Train controller and training dataset actors."""
-    from ray._private import state
-
-    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
-    actors = state.actors(job_id=job, actor_state_name="ALIVE")
-    return sorted(a["ActorClassName"] for a in actors.values() if a["ActorClassName"] in RUN_ACTORS)
+    names = [a["ActorClassName"] for a in this_jobs_live_actors(ray)]
+    return sorted(name for name in names if name in RUN_ACTORS)
 
 
 def test_progress_line_and_step_budget():
