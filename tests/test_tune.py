@@ -89,6 +89,10 @@ def test_the_local_ray_of_a_search_answers_rays_state_api():
         "import ray\n"
         "from seqrec.runtime import init_ray\n"
         "init_ray(num_cpus=1, state_api=True)\n"
+        # Where the cleaner runs (a Ray worker) seqrec.runtime.worker_setup names this Ray; do the same
+        # here, since the suite's own Ray runs beside it.
+        "import os\n"
+        "os.environ['RAY_ADDRESS'] = ray.get_runtime_context().gcs_address\n"
         "from ray.train.v2._internal.state.util import is_actor_alive\n"
         "@ray.remote(num_cpus=0)\n"
         "class Probe:\n"
