@@ -49,7 +49,7 @@ log = logging.getLogger("seqrec.tune")
 
 # A trial holds train.cpus_per_worker CPUs in all: TRIAL_CPUS for the trial function, which only
 # waits on its training run, and the rest for that run's one worker. Reserving TRIAL_CPUS on top
-# fitted one trial of 1.01 CPUs on a 2-CPU machine, whose second core then idled for the whole search.
+# fitted only one trial of 1.01 CPUs on a 2-CPU machine (15 on a 16-CPU node).
 TRIAL_CPUS = 0.01
 
 
@@ -343,9 +343,9 @@ def search(
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     started = time.perf_counter()
-    shape = stored_data_shape(storage, date)  # as the night computes it: the driver holds no sequences
     if base.train.epochs < 1 or settings.trials < 1 or settings.budget_minutes <= 0:
         raise InputError("seqrec tune needs train.epochs >= 1, --trials >= 1 and --budget-minutes > 0")
+    shape = stored_data_shape(storage, date)  # as the night computes it: the driver holds no sequences
     start = apply_overrides(base, suggested(base, shape, set(explicit) | set(fixed)))
     space = search_space(shape, set(fixed)).including(start)
     first = space.values_of(start)
