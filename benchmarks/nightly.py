@@ -265,8 +265,8 @@ def night_config(args, users: int):
         "score.cpus_per_actor=0.5",
         f"prepare.buckets={args.buckets}",
     ]
-    if args.replay_share is not None:
-        overrides.append(f"train.replay_share={args.replay_share}")
+    if args.replay_ratio is not None:
+        overrides.append(f"train.replay_ratio={args.replay_ratio}")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     if "max_steps" in fields and args.max_steps:
         overrides += [f"train.max_steps={args.max_steps}", "train.epochs=1000"]
@@ -509,10 +509,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--actors", type=int, default=2, help="scoring actors")
     p.add_argument("--buckets", type=int, default=64, help="prepare.buckets")
     p.add_argument(
-        "--replay-share",
+        "--replay-ratio",
         type=float,
         default=None,
-        help="the warm night's train.replay_share (default: seqrec's)",
+        help="the warm night's train.replay_ratio (default: seqrec's)",
     )
     p.add_argument(
         "--retrain-epochs",

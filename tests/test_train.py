@@ -34,6 +34,7 @@ from seqrec.training.datasets import (
     make_datasets,
     merge_block_stats,
     read_sequences_dataset,
+    rows_per_user,
     sequence_stats,
     stored_data_shape,
 )
@@ -250,17 +251,61 @@ def test_warm_start_selects_users_with_new_events_plus_a_replay_sample(ray_local
     assert 0 < len(changed) < users
     source = read_sequences_dataset(storage, SECOND_DAY, [*SEQUENCE_COLUMNS, "ts"])
     since = dt.datetime(2024, 3, 2, tzinfo=dt.UTC)
-    plain = sequence_stats(source, SMALL.max_len + 1, True, UserSelection(since, 0.0, SECOND_DAY))
-    assert (plain.changed_users, plain.replayed_users, plain.users) == (len(changed), 0, users)
-    replayed = sequence_stats(source, SMALL.max_len + 1, True, UserSelection(since, 0.3, SECOND_DAY))
-    assert replayed.changed_users == len(changed)
-    assert 0.15 * (users - len(changed)) < replayed.replayed_users < 0.45 * (users - len(changed))
-    selected = pa.concat_tables(
-        source.map_batches(
-            SelectUsers(UserSelection(since, 0.0, SECOND_DAY)), batch_format="pyarrow"
-        ).iter_batches(batch_size=None, batch_format="pyarrow")
+    stats = sequence_stats(source, SMALL.max_len + 1, True, UserSelection(since, 0.0, SECOND_DAY))
+    threshold, plain = stats.replay_cut(0.0)
+    assert (plain.changed_users, plain.replayed_users, plain.users, threshold) == (
+        len(changed),
+        0,
+        users,
+        0.0,
     )
-    assert set(selected["user_id"].to_pylist()) == changed
+
+    def selected(threshold: float) -> pa.Table:
+        selection = UserSelection(since, 0.5, SECOND_DAY, replay_below=threshold)
+        batches = source.map_batches(SelectUsers(selection), batch_format="pyarrow")
+        return pa.concat_tables(batches.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+    assert set(selected(threshold)["user_id"].to_pylist()) == changed
+    # Replay is sized by the news: about half as many others as changed users at ratio 0.5, and
+    # the stats pass's counts of users and rows are exactly what the training input then holds.
+    threshold, half = stats.replay_cut(0.5)
+    chosen = selected(threshold)
+    assert abs(half.replayed_users - 0.5 * len(changed)) <= 2 and half.changed_users == len(changed)
+    assert chosen.num_rows == len(changed) + half.replayed_users
+    assert changed < set(chosen["user_id"].to_pylist())
+    vocab = build_vocabulary(chosen.column("item_ids").combine_chunks().flatten(), PrepareConfig(), None)
+    assert half.rows == len(EncodeSplit(vocab, SMALL.max_len, holdout=2, windows=True)(chosen)["items"])
+    # Another night (salt), another sample of the same size.
+    other = sequence_stats(source, SMALL.max_len + 1, True, UserSelection(since, 0.5, "2024-03-03"))
+    threshold_other, other_half = other.replay_cut(0.5)
+    again = UserSelection(since, 0.5, "2024-03-03", replay_below=threshold_other)
+    other_chosen = pa.concat_tables(
+        source.map_batches(SelectUsers(again), batch_format="pyarrow").iter_batches(
+            batch_size=None, batch_format="pyarrow"
+        )
+    )
+    assert set(other_chosen["user_id"].to_pylist()) != set(chosen["user_id"].to_pylist())
+    assert abs(other_half.replayed_users - half.replayed_users) <= 4
+
+
+@pytest.mark.parametrize("windows", [True, False])
+def test_rows_per_user_is_what_encoding_makes_of_each_user(windows):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 40, 300)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    table = pa.table(
+        {
+            "item_ids": pa.ListArray.from_arrays(
+                pa.array(offsets, pa.int32()), pa.array(rng.integers(1, 50, lengths.sum()))
+            ),
+        }
+    )
+    vocab = build_vocabulary(pa.array(np.arange(1, 50)), PrepareConfig(), None)
+    per_user = rows_per_user(offsets, 11, windows)
+    for user in (0, 7, 123, 299):
+        one = EncodeSplit(vocab, 10, holdout=2, windows=windows)(table.slice(user, 1))
+        assert per_user[user] == len(one["items"])
+    assert per_user.sum() == len(EncodeSplit(vocab, 10, holdout=2, windows=windows)(table)["items"])
 
 
 def test_a_warm_start_night_trains_on_changed_users_and_stops_at_the_step_budget(ray_local, two_nights):
@@ -279,7 +324,7 @@ def test_a_warm_start_night_trains_on_changed_users_and_stops_at_the_step_budget
         epochs=5,
         batch_size=32,
         max_steps=3,
-        replay_share=0.1,
+        replay_ratio=0.5,
         mixed_precision="no",
         log_every_s=0.0,
     )

@@ -9,6 +9,7 @@ and returns the best-on-validation weights of the run's last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -119,6 +120,9 @@ def train(
     row_width = model_config.max_len + 1
     windows = train_config.windows == "all"
     stats = sequence_stats(source, row_width, windows, selection)
+    if selection is not None:
+        threshold, stats = stats.replay_cut(train_config.replay_ratio)
+        selection = dataclasses.replace(selection, replay_below=threshold)
     vocab = build_vocabulary(stats.item_ids, prepare_config, parent)
     vocab.counts = stats.counts_by_index(vocab)
     text_features = text_features_fn(vocab) if text_features_fn else None
@@ -152,6 +156,8 @@ def train(
         never_recommend=unavailable_items(storage, vocab),  # validation ranks what the table may show
     )
     users = stats.changed_users + stats.replayed_users
+    if selection is not None:
+        why = f"{why}: {stats.changed_users} with new events + {stats.replayed_users} replayed"
     log.info(
         "training %s model on %d of %d users (%s): %d rows, %d items, validation on %s, %d workers, "
         "up to %d epochs -> run %s",
@@ -221,10 +227,10 @@ def plan_users(
     if since >= date:
         return None, f"all users: {parent.version} was trained on the sequences of {since}"
     start = dt.datetime.fromisoformat(since).replace(tzinfo=dt.UTC) + dt.timedelta(days=1)
-    selection = UserSelection(since=start, replay_share=train_config.replay_share, salt=date)
+    selection = UserSelection(since=start, replay_ratio=train_config.replay_ratio, salt=date)
     return selection, (
-        f"warm start: users with events since {start.date()} + a "
-        f"{train_config.replay_share:g} replay sample of the others"
+        f"warm start: users with events since {start.date()} + a replay sample of the others, "
+        f"{train_config.replay_ratio:g} per such user"
     )
 
 
