@@ -280,3 +280,21 @@ def write_results(name: str, payload: dict[str, Any], out: str | Path | None = N
     }
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
+
+
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu() -> dict[str, Any]:
+    """CPU model and the vector flags that decide training speed (hosts of this kind differ)."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "vector_flags": [f for f in VECTOR_FLAGS if f in flags]}

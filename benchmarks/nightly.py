@@ -539,22 +539,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 COLUMNS = ["night", "stage", "wall_s", "driver_peak_rss_gib", "peak_mem_gib"]
-VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-
-
-def cpu() -> dict[str, Any]:
-    """CPU model and the vector flags that decide training speed (hosts of this kind differ)."""
-    model, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not model:
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "vector_flags": [f for f in VECTOR_FLAGS if f in flags]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -615,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             [r for r in json.loads(out.read_text())["rows"] if r["users"] not in measured] + rows,
             key=lambda r: r["users"],
         )
-    path = harness.write_results(name, {"settings": settings, "cpu": cpu(), "rows": rows}, out)
+    path = harness.write_results(name, {"settings": settings, "cpu": harness.cpu(), "rows": rows}, out)
     print(f"wrote {path}")
     return 0
 

@@ -84,6 +84,15 @@ def test_unknown_key_names_the_key(override, key):
         load_config(None, [override])
 
 
+def test_a_replaced_key_names_its_replacement(tmp_path):
+    """An older config's train.replay_share fails with one line that says what to write instead."""
+    with pytest.raises(ValueError, match="'train.replay_share' is gone: use train.replay_ratio"):
+        load_config(None, ["train.replay_share=0.1"])
+    with pytest.raises(ValueError, match="use train.replay_ratio"):
+        load_config(write(tmp_path, "train:\n  replay_share: 0.1\n"))
+    assert load_config(None, ["train.replay_ratio=0.5"]).train.replay_ratio == 0.5
+
+
 def test_unknown_key_in_yaml(tmp_path):
     with pytest.raises(ValueError, match="unknown config key 'score.topk'"):
         load_config(write(tmp_path, "score:\n  topk: 5\n"))
