@@ -211,6 +211,25 @@ def test_merged_block_stats_equal_the_stats_of_one_block():
     assert merged == whole and whole["users"] == 4 and whole["counts"][3] == 4  # training part only
 
 
+def test_block_stats_keep_text_item_ids_and_merge_the_replay_bins():
+    """Item ids may be text (CONTRACTS.md); a warm night's blocks carry per-bin replay counts."""
+    since = dt.datetime(2024, 3, 2, tzinfo=dt.UTC)
+    old, new = dt.datetime(2024, 3, 1, tzinfo=dt.UTC), dt.datetime(2024, 3, 2, 5, tzinfo=dt.UTC)
+    table = pa.table(
+        {
+            "user_id": ["u1", "u2", "u3"],
+            "item_ids": [["a", "b", "c", "d"], ["b", "c", "e"], ["x", "y", "z", "a"]],
+            "ts": [[old] * 4, [old, old, new], [old] * 4],
+        }
+    )
+    stats = BlockStats(row_width=4, windows=True, selection=UserSelection(since, 1.0, "2024-03-02"))
+    merged = merge_block_stats(pa.concat_tables([stats(table.slice(0, 2)), stats(table.slice(2))]))
+    row = merged.to_pylist()[0]
+    assert set(row["item_ids"]) == {"a", "b", "c", "d", "e", "x", "y", "z"}
+    assert (row["users"], row["changed_users"], sum(row["replay_users"])) == (3, 1, 2)
+    assert len(row["replay_users"]) == len(row["replay_rows"]) == 1024 and sum(row["replay_rows"]) == 2
+
+
 def test_validation_during_training_uses_the_gates_hash_sample(ray_local, two_nights):
     """At a fraction < 1 the per-epoch validation rows are those of the users the evaluation stage
     samples (the same stable hash), so a million-user night validates on the gate's sample

@@ -231,25 +231,15 @@ class BlockStats:
                 "longest": [int(lengths.max()) if len(lengths) else 0],
                 "changed_users": [int(changed.sum())],
                 "rows": [int(rows[changed].sum())],
-                "replay_users": [replay_users],
-                "replay_rows": [replay_rows],
-            },
-            schema=BLOCK_STATS_SCHEMA,
+                "replay_users": _bins(replay_users),
+                "replay_rows": _bins(replay_rows),
+            }
         )
 
 
-BLOCK_STATS_SCHEMA = pa.schema(
-    [
-        ("item_ids", pa.list_(pa.int64())),
-        ("counts", pa.list_(pa.int64())),
-        ("users", pa.int64()),
-        ("longest", pa.int64()),
-        ("changed_users", pa.int64()),  # all users on a full night
-        ("rows", pa.int64()),  # training rows of those
-        ("replay_users", pa.list_(pa.int64())),  # the other users by replay bin (empty on a full night)
-        ("replay_rows", pa.list_(pa.int64())),  # their training rows by bin
-    ]
-)
+def _bins(counts: np.ndarray) -> pa.ListArray:
+    """One row holding per-bin counts (empty on a full night), typed so that every block's agree."""
+    return pa.array([counts], pa.list_(pa.int64()))
 
 
 def _bin_sums(column: pa.ChunkedArray) -> np.ndarray:
@@ -275,10 +265,9 @@ def merge_block_stats(batch: pa.Table) -> pa.Table:
             "longest": [int(pc.max(batch["longest"]).as_py() or 0)],
             "changed_users": [int(pc.sum(batch["changed_users"]).as_py() or 0)],
             "rows": [int(pc.sum(batch["rows"]).as_py() or 0)],
-            "replay_users": [_bin_sums(batch["replay_users"])],
-            "replay_rows": [_bin_sums(batch["replay_rows"])],
-        },
-        schema=BLOCK_STATS_SCHEMA,
+            "replay_users": _bins(_bin_sums(batch["replay_users"])),
+            "replay_rows": _bins(_bin_sums(batch["replay_rows"])),
+        }
     )
 
 
