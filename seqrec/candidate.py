@@ -99,7 +99,7 @@ def train_candidate(
     if compare_with_live and live_version:
         judged.append(Judged("live", live_version, splits=("val",)))
     # Training validates on the gate's hash sample (on a warm night, on the users of it it trains
-    # on), so it chooses its checkpoint on users the gate judges.
+    # on, unless fewer than eval.min_users), so it chooses its checkpoint on users the gate judges.
     users = night_users(storage, date)
     validation_users = gate_sample_size(config.eval, users, rankings_per_user(judged))
     with timed(timings, "train"):
@@ -115,6 +115,7 @@ def train_candidate(
             text_features_fn=text_features_for(config, storage),
             ks=config.eval.ks,
             validation_users=validation_users,
+            min_validation_users=config.eval.min_users,
         )
     parent_version = result.parent  # None when training fell back to scratch (another architecture)
     artifact = candidate_artifact(storage, date, config, result, version, parent_version, {})

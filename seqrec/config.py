@@ -122,6 +122,8 @@ class EvalConfig:
     # rankings leave room for loading two models per actor (0: no bound); but never fewer than
     # min_users users. max_users=0 evaluates everyone regardless.
     max_rankings_per_user: float = 0.5
+    # (A warm night's training validates on the users of the sample it trains on, or on the whole
+    # sample where fewer than min_users of them are trained on: too few to stop on.)
     min_users: int = 10_000
     promote_tolerance: float = 0.0  # promote unless val NDCG@10 is worse by more than this
 

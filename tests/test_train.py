@@ -327,6 +327,30 @@ def test_rows_per_user_is_what_encoding_makes_of_each_user(windows):
     assert per_user.sum() == len(EncodeSplit(vocab, 10, holdout=2, windows=windows)(table)["items"])
 
 
+def test_a_warm_night_validates_on_everyone_when_it_trains_on_few(ray_local, two_nights):
+    """Validation rows: of the selected users by default; of every user with validate_selected=False
+    (what training does where fewer than eval.min_users of the gate's sample are trained on)."""
+    storage, prepare_config = two_nights
+    table = read_sequences(storage, SECOND_DAY, columns=SEQUENCE_COLUMNS)
+    vocab = build_vocabulary(table, prepare_config, None)
+    source = read_sequences_dataset(storage, SECOND_DAY, [*SEQUENCE_COLUMNS, "ts"])
+    selection = UserSelection(dt.datetime(2024, 3, 2, tzinfo=dt.UTC), 0.0, SECOND_DAY)
+
+    def validation_rows(validate_selected: bool) -> int:
+        datasets = make_datasets(
+            source,
+            vocab,
+            SMALL.max_len,
+            longest(table),
+            selection=selection,
+            validate_selected=validate_selected,
+        )
+        return sum(len(b["items"]) for b in datasets["val"].iter_batches(batch_format="numpy"))
+
+    everyone = len(evaluation_rows(table, vocab, SMALL.max_len, 1, longest(table))["items"])
+    assert 0 < validation_rows(True) < validation_rows(False) == everyone
+
+
 def test_a_warm_start_night_trains_on_changed_users_and_stops_at_the_step_budget(ray_local, two_nights):
     storage, prepare_config = two_nights
     first = read_sequences(storage, FIRST_DAY, columns=SEQUENCE_COLUMNS)

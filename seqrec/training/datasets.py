@@ -472,12 +472,15 @@ def make_datasets(
     windows: bool = False,
     selection: UserSelection | None = None,
     validation_fraction: float = 1.0,
+    validate_selected: bool = True,
 ) -> dict[str, ray.data.Dataset]:
     """``{"train": training rows, "val": validation rows}`` of the selected users, streamed (lazy).
 
     ``validation_fraction`` < 1: validation rows of the users in the gate's hash sample only
     (:func:`seqrec.data.sampled`; the same users the evaluation stage judges at the same fraction).
+    ``validate_selected=False``: validation rows of every user, selected or not.
     """
+    everyone = source
     if selection is not None:
         source = source.map_batches(
             SelectUsers(selection),
@@ -485,9 +488,9 @@ def make_datasets(
             batch_size=ENCODE_BATCH_ROWS,
             num_cpus=INPUT_TASK_CPUS,
         )
-    validation_source = source
+    validation_source = source if validate_selected else everyone
     if validation_fraction < 1.0:
-        validation_source = source.map_batches(
+        validation_source = validation_source.map_batches(
             sampled,
             fn_kwargs={"fraction": validation_fraction},
             batch_format="pyarrow",

@@ -95,6 +95,7 @@ def train(
     text_features_fn: Callable[[Vocabulary], torch.Tensor] | None = None,
     ks: list[int] | None = None,
     validation_users: int = 0,
+    min_validation_users: int = 0,
     runs_dir: str = "runs",
     callbacks: list | None = None,
 ) -> TrainResult:
@@ -107,7 +108,8 @@ def train(
     The run's state lives under ``runs_dir/run_name`` below the storage root (a run of that name
     that did not finish resumes from its latest checkpoint); ``validation_users`` (0: all) bounds the
     per-epoch validation to the hash sample of about that many users (the night passes the gate's
-    :func:`seqrec.evaluate.gate_sample_size`; a warm night validates the sample's users it trains on);
+    :func:`seqrec.evaluate.gate_sample_size`; a warm night validates the sample's users it trains on,
+    or the whole sample where fewer than ``min_validation_users`` of them are trained on);
     ``callbacks`` are Ray Train ``UserCallback``s (``seqrec tune`` passes one that reports each
     epoch to its Tune trial).
     """
@@ -137,6 +139,12 @@ def train(
             "from, 1 for validation, 1 for test)"
         )
     validation_fraction = sample_fraction(validation_users, stats.users)
+    trained_users = stats.changed_users + stats.replayed_users
+    # A warm night validates on the sample's users it trains on, unless they are too few to stop on:
+    # on MovieLens-100K's 174 to 347 such users, patience stopped on noise after 7 to 12 epochs
+    # (benchmarks/README.md, "What replay is worth"). Then the whole sample validates, as the gate
+    # judges it, which also shows forgetting of the users without news while training.
+    validate_selected = selection is None or trained_users * validation_fraction >= min_validation_users
     datasets = make_datasets(
         source,
         vocab,
@@ -145,6 +153,7 @@ def train(
         windows=windows,
         selection=selection,
         validation_fraction=validation_fraction,
+        validate_selected=validate_selected,
     )
     inputs = WorkerInputs(
         train_config=train_config,
@@ -167,7 +176,8 @@ def train(
         why,
         stats.rows,
         vocab.num_items,
-        "all of them" if validation_fraction >= 1 else f"a {validation_fraction:.3g} hash sample of them",
+        ("all of them" if validation_fraction >= 1 else f"a {validation_fraction:.3g} hash sample of them")
+        + ("" if validate_selected else " and of the users not trained on (too few trained on to validate)"),
         train_config.num_workers,
         train_config.epochs,
         storage.uri(runs_dir, run_name),
