@@ -98,17 +98,6 @@ def rows_per_user(
     return (np.minimum(lengths, row_width) >= min_len).astype(np.int64)
 
 
-def training_row_count(
-    offsets: np.ndarray,
-    row_width: int,
-    windows: bool,
-    holdout: int = TRAINING_HOLDOUT,
-    min_len: int = MIN_TRAINING_LEN,
-) -> int:
-    """How many rows :class:`EncodeSplit` makes of sequences with these list ``offsets``."""
-    return int(rows_per_user(offsets, row_width, windows, holdout, min_len).sum())
-
-
 # --------------------------------------------------------------------------------------------
 # Which users a night trains on
 # --------------------------------------------------------------------------------------------
@@ -206,12 +195,9 @@ class BlockStats:
         if self.selection is not None:
             changed = self.selection.changed(batch)
             others = ~changed
-            bins = np.minimum(
-                (
-                    unit_hash(batch["user_id"].filter(pa.array(others)), self.selection.salt) * REPLAY_BINS
-                ).astype(np.int64),
-                REPLAY_BINS - 1,
-            )
+            # A unit hash is below 1, so its bin is below REPLAY_BINS; bin < k <=> hash < k / REPLAY_BINS.
+            hashes = unit_hash(batch["user_id"].filter(pa.array(others)), self.selection.salt)
+            bins = (hashes * REPLAY_BINS).astype(np.int64)
             replay_users = np.bincount(bins, minlength=REPLAY_BINS).astype(np.int64)
             replay_rows = np.bincount(bins, weights=rows[others], minlength=REPLAY_BINS).astype(np.int64)
         else:
@@ -313,8 +299,8 @@ def combine_stats(blocks: ray.data.Dataset, compact_every: int = 32) -> Sequence
         merged = pa.concat_tables(tables)
         return merged.group_by("item_id").aggregate([("count", "sum")]).rename_columns(["item_id", "count"])
 
-    def add(total: np.ndarray, more: np.ndarray) -> np.ndarray:
-        return more if not len(total) else total + more if len(more) else total
+    def add(total: np.ndarray, more: np.ndarray) -> np.ndarray:  # every block has 0 or REPLAY_BINS bins
+        return total + more if len(total) else more
 
     for batch in blocks.iter_batches(batch_size=None, batch_format="pyarrow"):
         for i in range(batch.num_rows):

@@ -139,12 +139,12 @@ def train(
             "from, 1 for validation, 1 for test)"
         )
     validation_fraction = sample_fraction(validation_users, stats.users)
-    trained_users = stats.changed_users + stats.replayed_users
+    users = stats.changed_users + stats.replayed_users
     # A warm night validates on the sample's users it trains on, unless they are too few to stop on:
     # on MovieLens-100K's 174 to 347 such users, patience stopped on noise after 7 to 12 epochs
     # (benchmarks/README.md, "What replay is worth"). Then the whole sample validates, as the gate
     # judges it, which also shows forgetting of the users without news while training.
-    validate_selected = selection is None or trained_users * validation_fraction >= min_validation_users
+    validate_selected = selection is None or users * validation_fraction >= min_validation_users
     datasets = make_datasets(
         source,
         vocab,
@@ -164,7 +164,6 @@ def train(
         item_counts=vocab.counts,
         never_recommend=unavailable_items(storage, vocab),  # validation ranks what the table may show
     )
-    users = stats.changed_users + stats.replayed_users
     if selection is not None:
         why = f"{why}: {stats.changed_users} with new events + {stats.replayed_users} replayed"
     log.info(
