@@ -75,6 +75,16 @@ class TrainConfig:
     negatives: Literal["popularity", "uniform"] = "popularity"  # for sampled; popularity is log-q corrected
     gbce_t: float = 0.75
     mask_prob: float = 0.2  # bidirectional model: share of positions masked
+    # DuoRec-style contrastive regulariser (Qiu et al., WSDM 2022): each row goes through the
+    # encoder twice (two dropout draws) and an InfoNCE term, weighted by ``contrastive_weight``,
+    # pulls the two states of a position together and apart from the other sampled positions,
+    # counting positions with the same next item as positives too (DuoRec's supervised
+    # augmentation). 0: off. Costs a second encoder pass; the item loss is computed once.
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 1.0
+    # Decay of an exponential moving average of the weights, which is what is validated, selected
+    # and returned (seqrec.training.averaging). 0: off, the last step's weights.
+    weight_average: float = 0.0
     # Text-aware models: share of items whose id embedding is dropped at each step (input and
     # output side alike), so that the text projection alone learns to place an item. On ML-1M 0.3
     # cost 6% NDCG@10 overall for new items' Recall@10 0.054 (cold_items=learned: 0.036 at no cost).

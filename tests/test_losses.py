@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqrec.losses import LOSSES, full_ce, gbce, item_loss, sampled_ce
+from seqrec.losses import LOSSES, contrastive, full_ce, gbce, item_loss, sampled_ce
 
 NUM_ITEMS, HIDDEN, POSITIONS = 30, 8, 12
 
@@ -213,3 +213,25 @@ def test_unknown_loss_and_missing_log_q():
         item_loss("bpr", hidden, labels, items)
     with pytest.raises(ValueError, match="log_q"):
         item_loss("sampled", hidden, labels, items, log_q=None)
+
+
+def test_contrastive_rewards_agreeing_views_and_counts_same_label_positions_as_positives():
+    """Two views that agree score lower than unrelated ones; positions with the same next item
+    are pulled together too, so making them agree lowers the loss further."""
+    g = torch.Generator().manual_seed(0)
+    first = torch.randn(POSITIONS, HIDDEN, generator=g)
+    distinct = torch.arange(1, POSITIONS + 1)
+    agreeing = contrastive(first, first + 0.01 * torch.randn(POSITIONS, HIDDEN, generator=g), distinct, 1.0)
+    unrelated = contrastive(first, torch.randn(POSITIONS, HIDDEN, generator=g), distinct, 1.0)
+    assert agreeing < unrelated
+
+    pairs = torch.arange(POSITIONS) // 2 + 1  # positions 2i and 2i+1 share their next item
+    apart = contrastive(first, first, pairs, 1.0)
+    together = first.clone()
+    together[1::2] = together[0::2]
+    assert contrastive(together, together, pairs, 1.0) < apart
+
+    hidden = first.clone().requires_grad_(True)
+    loss = contrastive(hidden, hidden * 1.1, pairs, 0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(hidden.grad).all() and hidden.grad.abs().sum() > 0

@@ -377,3 +377,24 @@ def test_an_artifact_config_written_before_a_field_existed_loads_as_it_was_built
     (tmp_path / "config.json").write_text(json.dumps(written))
     loaded = SeqRecModel.from_pretrained(tmp_path, use_safetensors=True)
     assert loaded.config.scale_embeddings is False and loaded.config.members == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_contrastive_term_adds_to_the_item_loss_and_trains_the_encoder(kind):
+    """With train.contrastive_weight the batch goes through the encoder twice (two dropout draws)
+    and the InfoNCE term is added: with the same seeds (the same dropout draws) a larger weight adds
+    a larger positive amount, and the gradients stay finite."""
+    items, types = overfit_batch()
+    losses = {}
+    for weight in (0.0, 0.5, 1.0, 2.0):
+        model = tiny(kind, dropout=0.3)
+        torch.manual_seed(1)
+        config = TrainConfig(loss="ce", mask_prob=0.5, contrastive_weight=weight)
+        loss = training_step_loss(model, model, items, types, config, None)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        losses[weight] = loss.item()
+    half_the_term = losses[1.0] - losses[0.5]
+    assert half_the_term > 0
+    assert losses[2.0] - losses[1.0] == pytest.approx(2 * half_the_term, rel=1e-3)

@@ -327,6 +327,7 @@ def test_training_worker_killed_mid_run_restores_from_checkpoint(trained_night, 
             "model.max_len=30",
             "prepare.max_len=30",
             "train.warm_start=false",
+            "train.weight_average=0.9",  # the average is checkpointed and resumed too
         ],
     )
     sequences = read_sequences(storage, date, columns=["user_id", "item_ids", "event_types"])

@@ -14,10 +14,12 @@ from seqrec.tune import (
     TRIAL_CPUS,
     Choice,
     LogRange,
+    TrialRow,
     TuneSettings,
     concurrency,
     preset,
     search_space,
+    table,
     trial_config,
 )
 
@@ -200,3 +202,16 @@ def test_a_budgeted_search_writes_a_config_that_loads_and_resumes(ray_local, s3_
         (t["trial"], t["val_ndcg"]) for t in trials
     ]
     assert checkpoints() == before  # nothing trained again
+
+
+def test_the_trial_table_tells_close_settings_apart():
+    """0.998 and 0.99 (the weight averages searched) and learning rates keep their digits."""
+    rows = [
+        TrialRow(
+            "a", {"train.weight_average": 0.998, "train.lr": 0.0019516}, 0.0733, 15, 27, 14.1, "patience"
+        ),
+        TrialRow("b", {"train.weight_average": 0.99, "train.lr": 0.001}, 0.0700, 5, 6, 2.0, "cut"),
+    ]
+    lines = table(rows, ["train.weight_average", "train.lr"]).splitlines()
+    assert lines[1].split()[-2:] == ["0.998", "0.00195"]
+    assert lines[2].split()[-2:] == ["0.99", "0.001"]

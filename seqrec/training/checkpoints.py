@@ -1,7 +1,8 @@
 """The checkpoint a training run reports each epoch: the one place that knows its file names.
 
-A checkpoint holds the current weights and optimizer (to resume after a fault), the best-so-far
-weights on validation (what the run returns) and a small JSON state. Weights are safetensors;
+A checkpoint holds the current weights and optimizer (to resume after a fault), the weight
+average when the run keeps one, the best-so-far weights on validation (what the run returns) and
+a small JSON state. Weights are safetensors;
 the optimizer state is a torch file read with ``weights_only=True``.
 """
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 MODEL_FILE = "model.safetensors"
 BEST_FILE = "best.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+AVERAGE_FILE = "average.safetensors"
 STATE_FILE = "state.json"
 
 
@@ -31,6 +33,7 @@ class TrainingState:
     restores: list[int] = field(default_factory=list)  # the epoch each restored attempt resumed at
     stopped: str = ""  # why: epochs | patience | max_steps | max_minutes
     steps: int = 0  # optimizer steps taken so far (the step budget counts them)
+    average_updates: int = 0  # updates of the weight average so far (its decay warms up over them)
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Checkpoint:
     best_weights: dict[str, torch.Tensor]
     weights: dict[str, torch.Tensor] | None = None  # None when read without the resume part
     optimizer: dict[str, Any] | None = None
+    average: dict[str, torch.Tensor] | None = None  # the weight average, when the run keeps one
 
 
 def save_checkpoint(
@@ -48,9 +52,14 @@ def save_checkpoint(
     weights: dict[str, torch.Tensor],
     best_weights: dict[str, torch.Tensor],
     optimizer: dict[str, Any],
+    average: dict[str, torch.Tensor] | None = None,
 ) -> None:
     directory = Path(directory)
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(directory / MODEL_FILE))
+    if average is not None:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in average.items()}, str(directory / AVERAGE_FILE)
+        )
     save_file({k: v.detach().cpu().contiguous() for k, v in best_weights.items()}, str(directory / BEST_FILE))
     torch.save(optimizer, directory / OPTIMIZER_FILE)
     (directory / STATE_FILE).write_text(json.dumps(asdict(state)))
@@ -68,4 +77,5 @@ def load_checkpoint(directory: str | Path, *, resume: bool = True) -> Checkpoint
         best_weights=best_weights,
         weights=load_file(str(directory / MODEL_FILE)),
         optimizer=torch.load(directory / OPTIMIZER_FILE, weights_only=True),
+        average=load_file(str(directory / AVERAGE_FILE)) if (directory / AVERAGE_FILE).exists() else None,
     )

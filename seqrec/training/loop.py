@@ -13,6 +13,7 @@ import math
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -21,9 +22,10 @@ import torch
 
 from seqrec.config import TrainConfig
 from seqrec.evaluate import evaluate_batches, means
-from seqrec.losses import item_loss
+from seqrec.losses import contrastive, item_loss
 from seqrec.model import SeqRecConfig, SeqRecModel, next_item_pairs
-from seqrec.training.checkpoints import TrainingState, load_checkpoint, save_checkpoint
+from seqrec.training.averaging import WeightAverage
+from seqrec.training.checkpoints import Checkpoint, TrainingState, load_checkpoint, save_checkpoint
 from seqrec.training.cold_items import never_trained
 from seqrec.training.datasets import TRAIN_SHARD, VALIDATION_SHARD
 from seqrec.training.worker import Prefetched, WorkerInputs, epoch_batches, per_worker_batch
@@ -38,6 +40,9 @@ VALIDATION_BATCH_ROWS = 512
 # in a py-spy profile of a 1M-user warm night, with it. The state dict is the same as the unfused
 # one's, so checkpoints of either kind load in both.
 FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
+# Labelled positions per step in the contrastive term (TrainConfig.contrastive_weight), drawn at
+# random from the batch's: a (2P x 2P) similarity matrix, 16 MB at 1,024.
+CONTRASTIVE_POSITIONS = 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,9 +79,44 @@ def training_step_loss(
     if config.text_dim and train_config.id_dropout > 0:
         keep_ids = (torch.rand(config.num_items + 2, device=items.device) >= train_config.id_dropout).float()
         keep_ids[-1] = 1.0  # [MASK] has no text to fall back on
-    hidden = model(inputs, input_types, keep_ids=keep_ids).hidden  # (B, T, width)
+    weight = train_config.contrastive_weight
+    if weight > 0:  # both dropout draws in one forward: the batch twice
+        both = model(
+            torch.cat([inputs, inputs]), torch.cat([input_types, input_types]), keep_ids=keep_ids
+        ).hidden
+        hidden, second = both.split(len(inputs))
+    else:
+        hidden = model(inputs, input_types, keep_ids=keep_ids).hidden  # (B, T, width)
     picked = labels != 0
     table = core.item_table(keep_ids)[: config.num_items + 1]  # (N+1, width) without [MASK]
+    loss = _item_losses(
+        hidden, labels, picked, table, config.hidden_size, train_config, log_q, out_of_softmax
+    )
+    if weight > 0:
+        where = picked.nonzero(as_tuple=True)
+        if len(where[0]) > CONTRASTIVE_POSITIONS:
+            keep = torch.randperm(len(where[0]), device=picked.device)[:CONTRASTIVE_POSITIONS]
+            where = (where[0][keep], where[1][keep])
+        loss = loss + weight * sum(
+            contrastive(a, b, labels[where], train_config.contrastive_temperature)
+            for a, b in zip(
+                hidden[where].split(config.hidden_size, dim=-1),
+                second[where].split(config.hidden_size, dim=-1),
+            )
+        )
+    return loss
+
+
+def _item_losses(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    picked: torch.Tensor,
+    table: torch.Tensor,
+    width: int,
+    train_config: TrainConfig,
+    log_q: torch.Tensor | None,
+    out_of_softmax: torch.Tensor | None,
+) -> torch.Tensor:
     # Each ensemble member is trained on its own loss (its own slice of states and items), as a
     # separately trained model would be; a loss of the summed scores would train one wide model.
     return sum(
@@ -90,9 +130,7 @@ def training_step_loss(
             gbce_t=train_config.gbce_t,
             excluded=out_of_softmax,
         )
-        for states, member_items in zip(
-            hidden[picked].split(config.hidden_size, dim=-1), table.split(config.hidden_size, dim=-1)
-        )
+        for states, member_items in zip(hidden[picked].split(width, dim=-1), table.split(width, dim=-1))
     )
 
 
@@ -258,19 +296,30 @@ def _log_q(train_config: TrainConfig, item_counts: np.ndarray, device: torch.dev
     return (counts / counts.sum()).log().float().to(device)
 
 
-def _restore(
-    model: SeqRecModel, optimizer: torch.optim.Optimizer, rank: int
-) -> tuple[TrainingState | None, dict[str, torch.Tensor]]:
-    """The state of the run's latest checkpoint, loaded into ``model`` and ``optimizer`` (after a fault)."""
+def _restore(model: SeqRecModel, optimizer: torch.optim.Optimizer, rank: int) -> Checkpoint | None:
+    """The run's latest checkpoint, loaded into ``model`` and ``optimizer`` (after a fault)."""
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
-        return None, {k: v.clone() for k, v in model.state_dict().items()}
+        return None
     with checkpoint.as_directory() as directory:
         saved = load_checkpoint(directory)
     model.load_state_dict(saved.weights)
     optimizer.load_state_dict(saved.optimizer)
     log.info("rank %d resumed from epoch %d", rank, saved.state.epoch)
-    return saved.state, saved.best_weights
+    return saved
+
+
+def _weight_average(
+    model: SeqRecModel, train_config: TrainConfig, saved: Checkpoint | None
+) -> WeightAverage | None:
+    if not train_config.weight_average:
+        return None
+    average = WeightAverage(
+        model, train_config.weight_average, updates=saved.state.average_updates if saved else 0
+    )
+    if saved is not None and saved.average is not None:
+        average.average = {k: v.float() for k, v in saved.average.items()}
+    return average
 
 
 def _train_epoch(
@@ -285,6 +334,7 @@ def _train_epoch(
     out_of_softmax,
     progress: Progress,
     budget: Budget,
+    average: WeightAverage | None = None,
 ) -> tuple[dict[str, float], str]:
     """One pass over this rank's shard, or less when a budget runs out; returns its sums (loss,
     steps, rows) and the budget that stopped it ("" if none did)."""
@@ -299,6 +349,8 @@ def _train_epoch(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if average is not None:
+            average.update(core)
         loss_sum += loss.item()
         steps += 1
         rows_trained += len(batch["items"])
@@ -316,6 +368,7 @@ def _report(
     core: SeqRecModel,
     best_weights: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
+    average: WeightAverage | None,
 ) -> None:
     """Every rank reports its metrics; only rank 0 attaches the checkpoint (Ray Train's rule)."""
     if rank != 0:
@@ -328,6 +381,7 @@ def _report(
             weights=core.state_dict(),
             best_weights=best_weights,
             optimizer=optimizer.state_dict(),
+            average=None if average is None else average.average,
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
@@ -362,7 +416,10 @@ def train_loop_per_worker(inputs: WorkerInputs, first_epoch: Prefetched | None =
         betas=(0.9, 0.98),
         fused=device.type in FUSED_OPTIMIZER_DEVICES,
     )
-    restored, best_weights = _restore(model, optimizer, rank)
+    saved = _restore(model, optimizer, rank)
+    average = _weight_average(model, train_config, saved)
+    restored = None if saved is None else saved.state
+    best_weights = saved.best_weights if saved else {k: v.clone() for k, v in model.state_dict().items()}
     state = restored or TrainingState(epoch=-1, best=-1.0, best_epoch=-1)
     start_epoch = state.epoch + 1
     if restored:
@@ -412,6 +469,7 @@ def train_loop_per_worker(inputs: WorkerInputs, first_epoch: Prefetched | None =
             out_of_softmax,
             progress,
             budget,
+            average,
         )
         train_s = time.perf_counter() - started
         sums = reduce_sums(sums)
@@ -423,24 +481,31 @@ def train_loop_per_worker(inputs: WorkerInputs, first_epoch: Prefetched | None =
         }
         if _should_validate(epoch, train_config, stopping=bool(spent)):
             val_batches = val_shard.iter_torch_batches(batch_size=VALIDATION_BATCH_ROWS, dtypes=torch.long)
-            val_sums = evaluate_batches(
-                core, val_batches, inputs.ks, device, bf16=mixed == "bf16", never_recommend=never_recommend
-            )
-            metrics.update(means(reduce_sums(val_sums), "val_"))
-            if metrics[SELECTION_METRIC] > state.best:
-                state.best, state.best_epoch = metrics[SELECTION_METRIC], epoch
-                patience_left = train_config.patience
-                best_weights = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
-            else:
-                patience_left -= 1  # patience counts validations, all ranks alike
+            with nullcontext() if average is None else average.swapped_in(core):  # validate what is kept
+                val_sums = evaluate_batches(
+                    core,
+                    val_batches,
+                    inputs.ks,
+                    device,
+                    bf16=mixed == "bf16",
+                    never_recommend=never_recommend,
+                )
+                metrics.update(means(reduce_sums(val_sums), "val_"))
+                if metrics[SELECTION_METRIC] > state.best:
+                    state.best, state.best_epoch = metrics[SELECTION_METRIC], epoch
+                    patience_left = train_config.patience
+                    best_weights = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+                else:
+                    patience_left -= 1  # patience counts validations, all ranks alike
             progress.validated(metrics, state.best, state.best_epoch)
         metrics["epoch_s"] = time.perf_counter() - started
         state.epoch, state.steps = epoch, budget.steps
+        state.average_updates = 0 if average is None else average.updates
         state.history.append(metrics)
         state.stopped = spent or (
             "patience" if patience_left <= 0 else "epochs" if epoch == train_config.epochs - 1 else ""
         )
         state.done = bool(state.stopped)
-        _report(rank, metrics, state, core, best_weights, optimizer)
+        _report(rank, metrics, state, core, best_weights, optimizer, average)
         if state.done:
             break
