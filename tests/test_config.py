@@ -200,7 +200,8 @@ def test_suggestions_follow_the_measured_recipes_for_each_kind_of_data():
         "model.num_layers": 1,
         "model.dropout": 0.2,
         "train.patience": 8,
-    }  # beauty.yaml, one member
+        "train.weight_average": 0.99,
+    }  # beauty.yaml, one member, with the weight average
     assert ml == {
         "model.max_len": 200,
         "model.use_event_types": False,
@@ -228,7 +229,12 @@ def test_suggestions_never_replace_what_the_user_set(tmp_path):
     assert explicit == {"model.num_layers", "train.epochs", "model.dropout", "train.lr"}
     config = load_config(path, ["model.dropout=0.4", "train.lr=0.01"])
     changes = suggested(config, S3REC_BEAUTY, explicit)
-    assert changes == {"model.max_len": 50, "model.use_event_types": False, "train.patience": 8}
+    assert changes == {
+        "model.max_len": 50,
+        "model.use_event_types": False,
+        "train.patience": 8,
+        "train.weight_average": 0.99,
+    }
     applied = apply_overrides(config, changes)
     assert (applied.model.num_layers, applied.model.dropout, applied.model.max_len) == (3, 0.4, 50)
     assert config.model.max_len == 200  # the original is untouched

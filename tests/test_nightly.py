@@ -393,6 +393,7 @@ def test_a_night_without_settings_takes_them_from_the_data(capsys):
         "model.use_event_types": False,
         "model.num_layers": 1,
         "train.patience": 8,
+        "train.weight_average": 0.99,
     }  # short, sparse histories
     assert (tuned.model.max_len, tuned.model.num_layers, tuned.model.dropout) == (50, 1, 0.3)
     assert "model.num_layers=1" in capsys.readouterr().err
