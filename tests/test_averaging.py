@@ -75,3 +75,10 @@ def test_the_checkpoint_keeps_the_average_when_there_is_one(tmp_path):
         else:
             assert saved.average.keys() == average.average.keys()
             torch.testing.assert_close(saved.average["0.weight"], average.average["0.weight"])
+            resumed = WeightAverage(model, 0.9, updates=saved.state.average_updates, average=saved.average)
+            with torch.no_grad():
+                model[0].weight.add_(1.0)
+            resumed.update(model)  # the restored average moves towards the model's current weights
+            decay = min(0.9, 2 / 11)
+            expected = decay * saved.average["0.weight"] + (1 - decay) * model[0].weight
+            torch.testing.assert_close(resumed.average["0.weight"], expected)

@@ -19,23 +19,30 @@ import torch
 
 
 class WeightAverage:
-    def __init__(self, model: torch.nn.Module, decay: float, updates: int = 0):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        decay: float,
+        updates: int = 0,
+        average: dict[str, torch.Tensor] | None = None,
+    ):
+        """``average``/``updates``: a restored average and its update count (None: start from ``model``)."""
         if not 0.0 < decay < 1.0:
             raise ValueError(f"train.weight_average must be in (0, 1), got {decay}")
         self.decay, self.updates = decay, updates
-        self.average = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-
-    def _floating(self, model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        pairs = [
-            (self.average[k], v.detach()) for k, v in model.state_dict().items() if v.is_floating_point()
-        ]
-        return [a for a, _ in pairs], [v.float() for _, v in pairs]
+        self.average = {k: v.detach().clone().float() for k, v in (average or model.state_dict()).items()}
+        # The model's floating tensors, looked up once: the optimizer and load_state_dict update
+        # them in place, so each step lerps towards their current values.
+        floating = {k: v.detach() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self._averages = [self.average[k] for k in floating]
+        self._sources = list(floating.values())
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        """One step towards ``model``'s weights (the model the average was made for)."""
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        averages, current = self._floating(model)
-        torch._foreach_lerp_(averages, current, 1.0 - decay)
+        current = [v if v.dtype == torch.float32 else v.float() for v in self._sources]
+        torch._foreach_lerp_(self._averages, current, 1.0 - decay)
         self.updates += 1
 
     def state_dict(self, like: torch.nn.Module) -> dict[str, torch.Tensor]:

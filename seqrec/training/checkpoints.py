@@ -2,8 +2,8 @@
 
 A checkpoint holds the current weights and optimizer (to resume after a fault), the weight
 average when the run keeps one, the best-so-far weights on validation (what the run returns) and
-a small JSON state. Weights are safetensors;
-the optimizer state is a torch file read with ``weights_only=True``.
+a small JSON state. Weights are safetensors; the optimizer state is a torch file read with
+``weights_only=True``.
 """
 
 from __future__ import annotations

@@ -314,12 +314,11 @@ def _weight_average(
 ) -> WeightAverage | None:
     if not train_config.weight_average:
         return None
-    average = WeightAverage(
-        model, train_config.weight_average, updates=saved.state.average_updates if saved else 0
+    if saved is None:
+        return WeightAverage(model, train_config.weight_average)
+    return WeightAverage(
+        model, train_config.weight_average, updates=saved.state.average_updates, average=saved.average
     )
-    if saved is not None and saved.average is not None:
-        average.average = {k: v.float() for k, v in saved.average.items()}
-    return average
 
 
 def _train_epoch(
